@@ -1,0 +1,55 @@
+"""``megatron-kimi <command> CONFIG.yaml [dotted.key=value ...]`` — the CLI, parsed here only.
+
+Works as a single process, under ``torchrun`` and under ``srun`` (see platform/launch.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+from megatron_kimi.config import ConfigError, TrainConfig, load_config
+
+# command -> (config schema, "module:function" that runs it)
+COMMANDS: Dict[str, Tuple[type, str, str]] = {
+    "train": (TrainConfig, "megatron_kimi.commands.train:run", "causal-LM training on a corpus"),
+}
+
+
+def _resolve(target: str) -> Callable:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-kimi", description="Kimi k1.5 recipe on Megatron-Core")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides (run_dir=PATH, ...)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    schema, target, _ = COMMANDS[args.command]
+    try:
+        cfg = load_config(args.config, args.overrides, schema)
+    except ConfigError as e:
+        print(f"megatron-kimi {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    from megatron_kimi.platform import cpu_emulation
+
+    cpu_emulation.activate()  # no-op on CUDA machines; before Megatron is imported
+    try:
+        return int(_resolve(target)(cfg) or 0)
+    except (ConfigError, ValueError) as e:
+        print(f"megatron-kimi {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""One typed config tree: dataclasses loaded from YAML plus dotted ``key.sub=value`` overrides.
+
+``load_config(path, overrides, schema)`` reads the YAML, applies the overrides, builds the (frozen)
+dataclasses and validates them once. Unknown keys fail with the closest valid name; wrong types name
+the dotted key and the file. Layout checks that need the world size live in :func:`validate_layout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override (a ValueError, with the key and file named)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama/Qwen2-style decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 2
+    num_query_groups: Optional[int] = None  # GQA: number of KV heads; None = num_attention_heads
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size // num_attention_heads
+    vocab_size: Optional[int] = None  # None = the tokenizer's size
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    add_qkv_bias: bool = False
+    tie_word_embeddings: bool = True
+    norm_epsilon: float = 1e-6
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # "auto": Transformer Engine layers when TE is importable on CUDA, else Megatron's local layers.
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel layout. Data parallel size = world_size / (tensor * pipeline * context)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
+    context: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup + decay to a floor."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: Optional[int] = None  # None = training.steps
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_reduce_in_fp32: bool = True
+
+
+@dataclass(frozen=True)
+class RecomputeConfig:
+    granularity: Optional[Literal["selective", "full"]] = None
+    method: Literal["uniform", "block"] = "uniform"
+    num_layers: int = 1
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    steps: int = 100
+    global_batch_size: int = 8  # sequences per optimizer step (all micro-batches, all DP ranks)
+    micro_batch_size: int = 2
+    seq_length: int = 64
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A .jsonl ("text" field) / .txt file, or "builtin:arithmetic" (the embedded demo corpus).
+    path: str = "builtin:arithmetic"
+    text_key: str = "text"
+    # A local Hugging Face tokenizer directory, or "builtin:char" (built by the project).
+    tokenizer: str = "builtin:char"
+    builtin_num_lines: int = 20000
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save_interval: int = 0  # 0 = only at the end
+    save_at_end: bool = True
+    load: Optional[str] = None  # a checkpoint dir (or a checkpoints/ dir with a `latest` file)
+    resume: bool = True  # resume from run_dir/checkpoints if it has a `latest`
+    keep_last: int = 2  # 0 = keep all
+    load_optimizer: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``megatron-kimi train``: causal-LM training on a corpus."""
+
+    run_dir: str = "runs/train"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["a.b=1", "run_dir=x"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: empty key part")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is set to a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+        return _build(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            full = f"{where}.{key}" if where else str(key)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {full!r}{hint} (valid: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def build_config(schema: type, data: dict, source: str = "<config>") -> Any:
+    """Build and validate ``schema`` from a plain dict; errors name ``source``."""
+    try:
+        cfg = _build(schema, data)
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: type = TrainConfig) -> Any:
+    """Load YAML (``path`` may be None: defaults only), apply overrides, build, validate."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = _merge(data, parse_overrides(overrides))
+    return build_config(schema, data, source)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate_model(m: ModelConfig, p: ParallelConfig) -> None:
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
+        _check(getattr(m, name) > 0, f"model.{name} must be > 0, got {getattr(m, name)}")
+    groups = m.num_query_groups or m.num_attention_heads
+    _check(
+        m.num_attention_heads % groups == 0,
+        f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+        f"model.num_query_groups={groups}",
+    )
+    if m.kv_channels is None:
+        _check(
+            m.hidden_size % m.num_attention_heads == 0,
+            f"model.hidden_size={m.hidden_size} is not divisible by "
+            f"model.num_attention_heads={m.num_attention_heads} (set model.kv_channels)",
+        )
+    _check(
+        m.num_attention_heads % p.tensor == 0,
+        f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}",
+    )
+    _check(
+        groups % p.tensor == 0 or p.tensor % groups == 0,
+        f"model.num_query_groups={groups} and parallel.tensor={p.tensor}: one must divide the other",
+    )
+    _check(
+        m.ffn_hidden_size % p.tensor == 0,
+        f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor={p.tensor}",
+    )
+    chunks = p.pipeline * (p.virtual_pipeline or 1)
+    _check(
+        m.num_layers % chunks == 0,
+        f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}"
+        + (f" x parallel.virtual_pipeline={p.virtual_pipeline}" if p.virtual_pipeline else ""),
+    )
+    _check(0.0 <= m.hidden_dropout < 1 and 0.0 <= m.attention_dropout < 1, "dropout must be in [0, 1)")
+
+
+def validate_parallel(p: ParallelConfig) -> None:
+    for name in ("tensor", "pipeline", "context"):
+        _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    if p.virtual_pipeline is not None:
+        _check(p.virtual_pipeline >= 1, "parallel.virtual_pipeline must be >= 1")
+        _check(p.pipeline > 1, "parallel.virtual_pipeline needs parallel.pipeline > 1")
+    _check(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
+
+
+def validate(cfg: Any) -> None:
+    """Checks that need no world size. Called once by build_config."""
+    if isinstance(cfg, TrainConfig):
+        validate_parallel(cfg.parallel)
+        validate_model(cfg.model, cfg.parallel)
+        t = cfg.training
+        _check(t.steps >= 0, f"training.steps must be >= 0, got {t.steps}")
+        _check(t.micro_batch_size >= 1, "training.micro_batch_size must be >= 1")
+        _check(t.seq_length >= 1, "training.seq_length must be >= 1")
+        _check(
+            t.global_batch_size % t.micro_batch_size == 0,
+            f"training.global_batch_size={t.global_batch_size} is not divisible by "
+            f"training.micro_batch_size={t.micro_batch_size}",
+        )
+        _check(
+            t.seq_length <= cfg.model.max_position_embeddings,
+            f"training.seq_length={t.seq_length} exceeds model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings}",
+        )
+        if cfg.parallel.sequence_parallel:
+            _check(
+                t.seq_length % cfg.parallel.tensor == 0,
+                f"training.seq_length={t.seq_length} is not divisible by parallel.tensor="
+                f"{cfg.parallel.tensor} (needed by sequence parallelism)",
+            )
+        o = cfg.optimizer
+        _check(o.lr >= 0 and o.min_lr >= 0, "optimizer.lr and optimizer.min_lr must be >= 0")
+        _check(o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} > optimizer.lr={o.lr}")
+        _check(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
+
+
+def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
+    return world_size // (p.tensor * p.pipeline * p.context)
+
+
+def validate_layout(cfg: TrainConfig, world_size: int) -> int:
+    """Checks that need the world size; returns the data-parallel size."""
+    p = cfg.parallel
+    model_parallel = p.tensor * p.pipeline * p.context
+    _check(
+        world_size % model_parallel == 0,
+        f"world size {world_size} is not divisible by parallel.tensor={p.tensor} x "
+        f"parallel.pipeline={p.pipeline} x parallel.context={p.context} (= {model_parallel})",
+    )
+    dp = world_size // model_parallel
+    t = cfg.training
+    _check(
+        t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        f"training.global_batch_size={t.global_batch_size} is not divisible by "
+        f"training.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}",
+    )
+    return dp

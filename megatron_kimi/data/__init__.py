@@ -1,0 +1,1 @@
+"""Data utilities: tokenizers, corpora, samplers and batch construction."""

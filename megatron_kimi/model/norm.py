@@ -1,0 +1,27 @@
+"""RMSNorm that works under Megatron sequence parallelism without Transformer Engine.
+
+Megatron's torch-norm wrapper asserts on sequence parallelism. Under SP each tensor-parallel rank
+normalises a different slice of the sequence, so the norm weight's gradient is a partial sum;
+Megatron all-reduces the grads of params marked ``sequence_parallel=True`` across the TP group
+(``finalize_model_grads``). This module marks its weight accordingly.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class RMSNorm(torch.nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
+        x = x_SBH.float()
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x_SBH.dtype)

@@ -1,0 +1,239 @@
+"""Sharded checkpoints with Megatron ``dist_checkpointing``: atomic, resumable, reshardable.
+
+Layout on disk::
+
+    checkpoints/
+      latest                  # text: name of the newest complete checkpoint ("iter_0000100")
+      iter_0000100/           # a dist_checkpointing directory (torch_dist format)
+
+A save writes ``iter_N.tmp`` and renames it to ``iter_N`` only after every rank finished, then
+replaces ``latest`` atomically: a save killed half-way leaves the last good checkpoint untouched
+(the stale ``.tmp`` is removed by the next save). The model, optimizer (distributed optimizer in
+the ``fully_reshardable`` format), LR scheduler, RNG and the trainer's state (step, data position)
+are saved; a checkpoint loads at another TP/PP/DP layout (RNG is only restored at the same layout).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_kimi.megatron_fixes import dist_optimizer_checkpoint as optim_fix
+
+LATEST = "latest"
+FORMAT_VERSION = 1
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or incompatible checkpoint (names the path)."""
+
+
+def iter_dir_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def layout() -> Dict[str, int]:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "cp": parallel_state.get_context_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def resolve(path: str | Path) -> Optional[Path]:
+    """A checkpoint dir itself, or a checkpoints/ dir with ``latest``; None if there is none."""
+    path = Path(path)
+    if (path / "metadata.json").is_file() or (path / "common.pt").is_file():
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        name = latest.read_text().strip()
+        target = path / name
+        if not target.is_dir():
+            raise CheckpointError(f"{latest}: points to {name!r}, which does not exist")
+        return target
+    return None
+
+
+def unwrap(module):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _model_sharded_sd(chunks: List) -> Dict[str, Any]:
+    chunks = [unwrap(c) for c in chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state) -> ShardedObject:
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return ShardedObject(
+        "rng_state",
+        state,
+        (pp, tp),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _state_dict(chunks, optimizer, scheduler, train_state: dict, extra: dict, is_loading: bool, with_rng: bool):
+    sd = _model_sharded_sd(chunks)
+    if optimizer is not None:
+        model_sd = sd["model"] if len(chunks) == 1 else sd
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA)
+    if scheduler is not None:
+        sd["scheduler"] = scheduler.state_dict()
+    sd["train_state"] = dict(train_state)
+    sd["layout"] = layout()
+    sd["format_version"] = FORMAT_VERSION
+    sd["contents"] = [k for k in ("model", "optimizer", "scheduler") if k in sd or (k == "model" and chunks)]
+    sd.update(extra)
+    if with_rng:
+        sd["rng_state"] = _rng_sharded_object(_rng_state() if not is_loading else None)
+    return sd
+
+
+def save(
+    ckpt_root: str | Path,
+    step: int,
+    chunks: List,
+    optimizer,
+    scheduler,
+    train_state: dict,
+    extra: Optional[dict] = None,
+    keep_last: int = 0,
+) -> Path:
+    """Save a complete checkpoint for ``step`` atomically; returns its directory."""
+    root = Path(ckpt_root)
+    final = root / iter_dir_name(step)
+    tmp = root / (iter_dir_name(step) + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    if optimizer is not None:
+        optim_fix.ensure_state_initialized(optimizer)
+    sd = _state_dict(chunks, optimizer, scheduler, train_state, extra or {}, is_loading=False, with_rng=True)
+    dist_checkpointing.save(sd, str(tmp), content_metadata=_OPTIM_METADATA)
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(root, final.name)
+        _prune(root, keep_last, final.name)
+    dist.barrier()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    try:
+        fd = os.open(root, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _prune(root: Path, keep_last: int, newest: str) -> None:
+    if keep_last <= 0:
+        return
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        if old.name != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_common(ckpt_dir: str | Path) -> dict:
+    """The non-sharded part (train_state, scheduler, layout, config ...) without loading tensors."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
+    try:
+        return dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    except Exception as e:  # noqa: BLE001 - surface the path with the cause
+        raise CheckpointError(f"{ckpt_dir}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def load(
+    ckpt_dir: str | Path,
+    chunks: List,
+    optimizer=None,
+    scheduler=None,
+    strict: bool = True,
+) -> dict:
+    """Load into ``chunks`` (and optimizer/scheduler if given); returns the saved train_state."""
+    ckpt_dir = Path(ckpt_dir)
+    common = read_common(ckpt_dir)
+    same_layout = common.get("layout") == layout()
+    if optimizer is not None:
+        optim_fix.ensure_state_initialized(optimizer)
+    sd = _state_dict(chunks, optimizer, scheduler, {}, {}, is_loading=True, with_rng=same_layout)
+    sd.pop("train_state")
+    sd.pop("layout")
+    sd.pop("format_version")
+    sd.pop("contents")
+    if scheduler is not None:
+        sd.pop("scheduler")
+    try:
+        loaded = dist_checkpointing.load(sd, str(ckpt_dir), strict="raise_all" if strict else "assume_ok_unexpected")
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{ckpt_dir}: failed to load ({type(e).__name__}: {e})") from e
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(loaded["model"], strict=strict)
+    else:
+        for i, c in enumerate(chunks):
+            unwrap(c).load_state_dict(loaded[f"model{i}"], strict=strict)
+    if optimizer is not None:
+        optim_fix.load_optimizer_state(optimizer, loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    if same_layout and loaded.get("rng_state") is not None:
+        _set_rng_state(loaded["rng_state"])
+    return dict(common.get("train_state", {}))

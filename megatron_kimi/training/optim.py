@@ -1,0 +1,53 @@
+"""Megatron optimizer (AdamW, optionally the distributed optimizer) and the LR schedule."""
+
+from __future__ import annotations
+
+from typing import List
+
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_kimi.config import OptimizerConfig, ParallelConfig, PrecisionConfig
+
+
+def build_optimizer(chunks: List, opt: OptimizerConfig, parallel: ParallelConfig, precision: PrecisionConfig):
+    """AdamW with decoupled weight decay over the DDP-wrapped ``chunks``."""
+    config = MegatronOptimizerConfig(
+        optimizer="adam",
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16",
+        use_distributed_optimizer=parallel.distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def build_scheduler(optimizer, opt: OptimizerConfig, total_steps: int) -> OptimizerParamScheduler:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine/linear/constant to ``min_lr``.
+
+    One scheduler step = one optimizer step.
+    """
+    decay_steps = opt.decay_steps if opt.decay_steps is not None else max(total_steps, opt.warmup_steps + 1)
+    decay_steps = max(decay_steps, opt.warmup_steps + 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if opt.warmup_steps > 0 else opt.lr,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=opt.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=opt.decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+    )

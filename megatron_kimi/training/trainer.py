@@ -1,0 +1,152 @@
+"""The training loop every stage uses (pretrain-style LM, SFT, RL train phase).
+
+One optimizer step = Megatron's ``get_forward_backward_func`` over this DP rank's micro-batches
+(1F1B under PP, interleaved with virtual stages), then the (distributed) optimizer step.
+A ``BatchSource`` says which micro-batches make up the step after ``consumed`` samples, so the
+data position is a number that checkpoints and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_kimi.training import checkpoint as ckpt
+from megatron_kimi.training.lm_step import reduce_reports
+from megatron_kimi.training.metrics import MetricsWriter, peak_memory_mb
+from megatron_kimi.training.runtime import ModelBundle
+
+
+class BatchSource(Protocol):
+    def microbatches(self, consumed_samples: int) -> List[Dict[str, torch.Tensor]]:
+        """This DP rank's micro-batches of the global batch that starts at ``consumed_samples``."""
+
+    @property
+    def global_batch_size(self) -> int: ...
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def global_loss_and_tokens(reports: list, key: str = "lm_loss") -> tuple[float, float]:
+    """Sum of masked token losses and token count over the whole global batch, on every rank."""
+    t = reduce_reports(reports, key).to(_device())
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    else:
+        t.zero_()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(t[0]), float(t[1])
+
+
+class Trainer:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        forward_step_func: Callable,
+        seq_length: int,
+        micro_batch_size: int,
+        loss_key: str = "lm_loss",
+    ):
+        self.b = bundle
+        self.forward_step_func = forward_step_func
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self.loss_key = loss_key
+        self.state = TrainState()
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def train_step(self, microbatches: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        b = self.b
+        for chunk in b.model:
+            chunk.zero_grad_buffer()
+        b.optimizer.zero_grad()
+        b.scheduler.step(increment=1)  # the lr of step k (1-based) is schedule(k)
+        lr = b.optimizer.param_groups[0]["lr"]
+        if len(b.model) > 1:
+            data: object = [iter(microbatches) for _ in b.model]
+        else:
+            data = iter(microbatches)
+        reports = get_forward_backward_func()(
+            forward_step_func=self.forward_step_func,
+            data_iterator=data,
+            model=b.model if len(b.model) > 1 else b.model[0],
+            num_microbatches=len(microbatches),
+            seq_length=self.seq_length,
+            micro_batch_size=self.micro_batch_size,
+            forward_only=False,
+        )
+        ok, grad_norm, _ = b.optimizer.step()
+        loss_sum, tokens = global_loss_and_tokens(reports, self.loss_key)
+        return {
+            "loss": loss_sum / max(tokens, 1.0),
+            "lr": float(lr),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "loss_tokens": tokens,
+            "skipped": 0 if ok else 1,
+        }
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(
+        self,
+        source: BatchSource,
+        writer: MetricsWriter,
+        total_steps: int,
+        ckpt_root: Path,
+        save_interval: int = 0,
+        save_at_end: bool = True,
+        keep_last: int = 0,
+        tokens_per_sample: int = 0,
+        extra_state: Optional[dict] = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> List[dict]:
+        """Train until ``total_steps``; returns this call's per-step records."""
+        s = self.state
+        history = []
+        while s.step < total_steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step(source.microbatches(s.consumed_samples))
+            dt = time.perf_counter() - t0
+            s.step += 1
+            s.consumed_samples += source.global_batch_size
+            step_tokens = source.global_batch_size * tokens_per_sample
+            s.consumed_tokens += step_tokens
+            record = {"step": s.step, **metrics, "tokens": step_tokens, "tokens_per_s": step_tokens / dt,
+                      "step_time_s": dt, "consumed_samples": s.consumed_samples, "peak_memory_mb": peak_memory_mb()}
+            writer.log(record, s.step)
+            history.append(record)
+            stop = should_stop()
+            if (save_interval and s.step % save_interval == 0) or stop or (save_at_end and s.step == total_steps):
+                self.save(ckpt_root, keep_last, extra_state)
+            if stop:
+                writer.print(f"stopping at step {s.step} (requested); checkpoint saved")
+                break
+        return history
+
+    def save(self, ckpt_root: Path, keep_last: int = 0, extra: Optional[dict] = None) -> Path:
+        return ckpt.save(ckpt_root, self.state.step, self.b.model, self.b.optimizer, self.b.scheduler,
+                         asdict(self.state), extra=extra, keep_last=keep_last)
+
+    def load(self, ckpt_dir: Path, load_optimizer: bool = True) -> None:
+        common = ckpt.read_common(ckpt_dir)
+        with_optim = load_optimizer and "optimizer" in common.get("contents", ("optimizer",))
+        state = ckpt.load(ckpt_dir, self.b.model, self.b.optimizer if with_optim else None,
+                          self.b.scheduler if with_optim else None)
+        if with_optim and state:
+            self.state = TrainState(**{k: state[k] for k in asdict(TrainState()) if k in state})

@@ -1,0 +1,165 @@
+"""Run a test body on N ranks, each a fresh "spawn" process, with real ``torch.distributed`` groups.
+
+    def _body(rank, world_size, x):          # module level, so spawn can pickle it
+        init_process_group(detect_env())     # gloo on CPU; reads RANK/WORLD_SIZE/MASTER_* set for it
+        ...
+        return something_picklable
+
+    results = run_distributed(_body, 2, x)   # [result of rank 0, result of rank 1]
+
+Each child gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT
+(a free port) and the ``env`` extras *before* torch or the test module is imported there (``fn`` and
+its args travel pickled and are unpickled after the environment is set), and runs with
+``torch.set_num_threads(1)``. A rank that raises sends its traceback back; once a rank has failed
+the others get a short grace period, then everything left is killed and ``RuntimeError`` lists every
+failed rank with its traceback. Past ``timeout`` the hung ranks get SIGUSR1 (their Python stacks go
+to stderr via faulthandler), are killed, and ``TimeoutError`` names them. Children are always
+terminated/killed and reaped (also on KeyboardInterrupt), and each child exits by itself if this
+process dies (it watches its parent pid), so neither zombies nor orphans are left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue as queue_mod
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import multiprocessing as mp
+
+__all__ = ["run_distributed", "free_port"]
+
+_FAIL_GRACE_S = 10.0  # how long the other ranks may still finish after one rank failed
+_DEATH_GRACE_S = 2.0  # how long to wait for a message from a rank whose process already exited
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:  # re-parented: the test runner is gone
+            os._exit(3)
+
+
+def _entry(rank: int, env: dict, payload: bytes, parent_pid: int, results: Any) -> None:
+    """Child main: set the environment, then unpickle and run the body; report via ``results``."""
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    os.environ.update(env)
+    try:
+        import faulthandler
+
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+        import torch
+
+        torch.set_num_threads(1)
+        fn, world_size, args = pickle.loads(payload)
+        out = ("ok", pickle.dumps(fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - everything, SystemExit included, is reported
+        out = ("error", traceback.format_exc())
+    results.put((rank,) + out)
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - teardown problems must not mask the result
+        pass
+    results.close()
+    results.join_thread()  # make sure the result is flushed before the process exits
+
+
+def _stop(procs: list, grace: float = 0.0) -> None:
+    """Let the children exit by themselves for ``grace`` s, then terminate, then kill; reap all."""
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 5.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5.0)
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0,
+                    env: dict | None = None) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return results by rank."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    payload = pickle.dumps((fn, world_size, args))  # fails here, clearly, if fn is not picklable
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = []
+    pending: list[int] = []
+    ok: dict[int, Any] = {}
+    failed: dict[int, str] = {}
+    try:
+        for rank in range(world_size):
+            rank_env = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}
+            rank_env.update({k: str(v) for k, v in (env or {}).items()})
+            p = ctx.Process(target=_entry, args=(rank, rank_env, payload, os.getpid(), results),
+                            name=f"dist-rank{rank}")  # not daemonic: fn may start processes itself
+            p.start()
+            procs.append(p)
+        deadline = time.monotonic() + timeout
+        fail_deadline = None
+        died_at: dict[int, float] = {}
+        while len(ok) + len(failed) < world_size:
+            now = time.monotonic()
+            if now > deadline or (fail_deadline is not None and now > fail_deadline):
+                break
+            try:
+                rank, status, data = results.get(timeout=0.1)
+                if status == "ok":
+                    ok[rank] = pickle.loads(data)
+                else:
+                    failed[rank] = data
+                    fail_deadline = fail_deadline or time.monotonic() + _FAIL_GRACE_S
+            except queue_mod.Empty:
+                pass
+            for rank, p in enumerate(procs):  # a rank that died without reporting (segfault, os._exit)
+                if rank in ok or rank in failed or p.exitcode is None:
+                    continue
+                died_at.setdefault(rank, time.monotonic())
+                if time.monotonic() - died_at[rank] > _DEATH_GRACE_S:
+                    failed[rank] = f"process exited with code {p.exitcode} without reporting a result\n"
+                    fail_deadline = fail_deadline or time.monotonic() + _FAIL_GRACE_S
+        pending = [r for r in range(world_size) if r not in ok and r not in failed]
+        if pending and not failed:  # a genuine timeout: dump the hung ranks' stacks to stderr first
+            for r in pending[:8]:  # one at a time, so the dumps do not interleave
+                if procs[r].is_alive() and procs[r].pid is not None:
+                    print(f"\n===== run_distributed timeout: stacks of rank {r} (pid {procs[r].pid}) =====",
+                          file=sys.stderr, flush=True)
+                    os.kill(procs[r].pid, signal.SIGUSR1)
+                    time.sleep(0.3)
+    finally:
+        _stop(procs, grace=5.0 if len(ok) == world_size else 0.0)
+        results.close()
+        results.join_thread()
+    if failed:
+        text = "".join(f"\n===== rank {r} failed =====\n{failed[r]}" for r in sorted(failed))
+        if pending:
+            text += f"\n===== ranks {pending} did not finish and were killed after the failure ====="
+        raise RuntimeError(f"{len(failed)} of {world_size} ranks failed (ranks {sorted(failed)}):{text}")
+    if pending:
+        raise TimeoutError(f"ranks {pending} of {world_size} did not finish within {timeout} s "
+                           "(killed; their stacks were dumped to stderr)")
+    return [ok[r] for r in range(world_size)]
