@@ -98,8 +98,10 @@ def transformer_config(
         pipeline_dtype=dtype,
         bf16=precision.dtype == "bf16",
         fp16=precision.dtype == "fp16",
-        # Weights are set by megatron_kimi.model.init (layout-independent), not by Megatron.
-        perform_initialization=False,
+        # Weights are then overwritten by megatron_kimi.model.init (layout-independent). Megatron's
+        # own init must still run: in 0.16 it is what sets the tensor-parallel attributes of the
+        # linear weights; without them the grad norm skips TP shards (see megatron_fixes/README).
+        perform_initialization=True,
         use_cpu_initialization=on_cpu,
         calculate_per_token_loss=True,
         bias_activation_fusion=False,
@@ -110,6 +112,10 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
+        # gloo: batched isend/irecv between the same two ranks in both directions (PP=2 with virtual
+        # stages) pair messages by posting order and swap activations with grads; Megatron's
+        # unbatched path keeps the two directions on separate groups (see megatron_fixes/README).
+        batch_p2p_comm=not on_cpu,
         recompute_granularity=recompute.granularity,
     )
     if recompute.granularity == "full":

@@ -15,27 +15,11 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Iterable, List
+from typing import List
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 
-
-def _iter_sharded_tensors(sharded_sd: dict) -> Iterable[ShardedTensor]:
-    tensors_and_factories, _ = extract_sharded_tensors_and_factories(sharded_sd)
-    stack = list(tensors_and_factories.values()) if isinstance(tensors_and_factories, dict) else []
-    while stack:
-        item = stack.pop()
-        if isinstance(item, ShardedTensorFactory):
-            built = item.build()
-            stack.extend(built if isinstance(built, (list, tuple)) else (built.values() if isinstance(built, dict) else [built]))
-        elif isinstance(item, ShardedTensor):
-            yield item
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
+from megatron_kimi.model.sharding import local_shards
 
 
 def _kind(key: str) -> str:
@@ -55,31 +39,18 @@ def _seed(seed: int, key: str, layer_index: tuple) -> int:
 
 @torch.no_grad()
 def init_weights(chunks: List[torch.nn.Module], seed: int, std: float, num_layers: int) -> int:
-    """Initialise ``chunks`` (unwrapped GPTModels) in place; returns the number of shards set."""
-    count = 0
-    done = set()
-    for chunk in chunks:
-        for st in _iter_sharded_tensors(chunk.sharded_state_dict()):
-            p = st.prepend_axis_num
-            layer_index = tuple(st.global_offset[:p])
-            ident = (st.key, layer_index, tuple(st.global_offset[p:]), st.data.data_ptr())
-            if ident in done:
-                continue
-            done.add(ident)
-            kind = _kind(st.key)
-            local = st.data
-            if kind == "ones":
-                local.fill_(1.0)
-            elif kind == "zeros":
-                local.zero_()
-            else:
-                sigma = std / math.sqrt(2.0 * num_layers) if kind == "scaled_normal" else std
-                full_shape = tuple(st.global_shape[p:])
-                gen = torch.Generator(device=local.device).manual_seed(_seed(seed, st.key, layer_index))
-                full = torch.randn(full_shape, generator=gen, dtype=torch.float32, device=local.device)
-                index = tuple(
-                    slice(off, off + n) for off, n in zip(st.global_offset[p:], local.shape)
-                )
-                local.copy_(full[index].mul_(sigma))
-            count += 1
-    return count
+    """Initialise ``chunks`` in place; returns the number of shards set."""
+    shards = local_shards(chunks)
+    for sh in shards:
+        kind = _kind(sh.key)
+        local = sh.tensor
+        if kind == "ones":
+            local.fill_(1.0)
+        elif kind == "zeros":
+            local.zero_()
+        else:
+            sigma = std / math.sqrt(2.0 * num_layers) if kind == "scaled_normal" else std
+            gen = torch.Generator(device=local.device).manual_seed(_seed(seed, sh.key, sh.layer_index))
+            full = torch.randn(sh.full_shape, generator=gen, dtype=torch.float32, device=local.device)
+            local.copy_(full[sh.index].mul_(sigma))
+    return len(shards)

@@ -28,6 +28,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_kimi.megatron_fixes import dist_optimizer_checkpoint as optim_fix
+from megatron_kimi.model.sharding import unwrap
 
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -64,13 +65,6 @@ def resolve(path: str | Path) -> Optional[Path]:
             raise CheckpointError(f"{latest}: points to {name!r}, which does not exist")
         return target
     return None
-
-
-def unwrap(module):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def _model_sharded_sd(chunks: List) -> Dict[str, Any]:
