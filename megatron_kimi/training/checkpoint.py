@@ -107,11 +107,17 @@ def _rng_sharded_object(state) -> ShardedObject:
     )
 
 
+def optimizer_kind(optimizer) -> str:
+    leaves = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(optim_fix._is_distributed(o) for o in leaves) else "plain"
+
+
 def _state_dict(chunks, optimizer, scheduler, train_state: dict, extra: dict, is_loading: bool, with_rng: bool):
     sd = _model_sharded_sd(chunks)
     if optimizer is not None:
         model_sd = sd["model"] if len(chunks) == 1 else sd
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA)
+        sd["optimizer_kind"] = optimizer_kind(optimizer)
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
     sd["train_state"] = dict(train_state)
@@ -207,16 +213,24 @@ def load(
     common = read_common(ckpt_dir)
     same_layout = common.get("layout") == layout()
     if optimizer is not None:
+        saved_kind, kind = common.get("optimizer_kind"), optimizer_kind(optimizer)
+        if saved_kind != kind:
+            raise CheckpointError(
+                f"{ckpt_dir}: optimizer state was saved by the {saved_kind} optimizer, this run uses the "
+                f"{kind} one (parallel.distributed_optimizer); set checkpoint.load_optimizer=false to "
+                "load the weights only"
+            )
         optim_fix.ensure_state_initialized(optimizer)
     sd = _state_dict(chunks, optimizer, scheduler, {}, {}, is_loading=True, with_rng=same_layout)
     sd.pop("train_state")
     sd.pop("layout")
     sd.pop("format_version")
     sd.pop("contents")
+    sd.pop("optimizer_kind", None)
     if scheduler is not None:
         sd.pop("scheduler")
     try:
-        loaded = dist_checkpointing.load(sd, str(ckpt_dir), strict="raise_all" if strict else "assume_ok_unexpected")
+        loaded = dist_checkpointing.load(sd, str(ckpt_dir), strict="assume_ok_unexpected")
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{ckpt_dir}: failed to load ({type(e).__name__}: {e})") from e
     if len(chunks) == 1:

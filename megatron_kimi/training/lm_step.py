@@ -41,3 +41,40 @@ def reduce_reports(reports: list, key: str = "lm_loss") -> torch.Tensor:
     if not reports:
         return torch.zeros(2, dtype=torch.float64)
     return torch.stack([r[key].double() for r in reports]).sum(0)
+
+
+def _logits_loss_func(logits_BSV: torch.Tensor):
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    full_BSV = gather_from_tensor_model_parallel_region(logits_BSV)  # vocab shards -> full vocab
+    return logits_BSV.sum() * 0.0, {"logits": full_BSV.detach().clone()}
+
+
+def logits_forward_step(data_iterator, model):
+    """Forward-only micro-batch that reports the full-vocab logits [b, s, V_padded]."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    logits = model(batch["tokens"].to(device), batch["position_ids"].to(device), None,
+                   packed_seq_params=batch.get("packed_seq_params"))
+    return logits, _logits_loss_func
+
+
+@torch.no_grad()
+def forward_logits(model_chunks, microbatches, seq_length: int):
+    """Logits for each micro-batch on the last pipeline stage (None on other stages)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    data = [iter(microbatches) for _ in model_chunks] if len(model_chunks) > 1 else iter(microbatches)
+    out = get_forward_backward_func()(
+        forward_step_func=logits_forward_step,
+        data_iterator=data,
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=True,
+    )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return [o["logits"] for o in out]
