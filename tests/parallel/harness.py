@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 # A tiny Llama-style model: GQA (4 heads, 2 KV groups), 4 layers (PP=2 x VPP=2 possible).
@@ -72,7 +74,11 @@ def train_layout(rank, world_size, overrides, steps, run_dir, want_grads=True):
         trainer = Trainer(bundle, lm_forward_step, t.seq_length, t.micro_batch_size)
         records, grads = [], None
         for step in range(steps):
-            records.append(trainer.train_step(source.microbatches(step * t.global_batch_size)))
+            t0 = time.perf_counter()
+            rec = trainer.train_step(source.microbatches(step * t.global_batch_size))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            records.append(dict(rec, step_time_s=time.perf_counter() - t0))
             if step == 0 and want_grads:
                 grads = grads_as_shards(bundle.model)
         shards = local_shards(bundle.model)

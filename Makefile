@@ -1,0 +1,31 @@
+# megatron_kimi: `make demo` (main job) and `make test` (test suite) each set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: venv demo test test-fast clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: on the project's CPU machines pip takes the local 2.13.0 CPU wheel.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+# Main job: the embedded tiny-model training run (prints the loss going down).
+demo: venv
+	$(PY) -m megatron_kimi train examples/tiny/train.yaml run_dir=runs/demo checkpoint.resume=false
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,26 @@
+"""Markers: gpu / vllm / slurm tests skip cleanly when the machine lacks what they need."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+
+def _reason(item) -> str | None:
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if item.get_closest_marker("vllm") and importlib.util.find_spec("vllm") is None:
+        return "needs vllm"
+    if item.get_closest_marker("slurm") and shutil.which("slurmctld") is None:
+        return "needs Slurm (slurmctld)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        reason = _reason(item)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
