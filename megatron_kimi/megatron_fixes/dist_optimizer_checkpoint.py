@@ -1,6 +1,6 @@
 """Distributed-optimizer checkpoint fixes, for Megatron-Core 0.16.1 without TE/Apex (torch Adam).
 
-Upstream behaviour worked around here (each pinned by tests/megatron_fixes/test_dist_optimizer_checkpoint.py):
+Upstream behaviour worked around here (each pinned by tests/megatron_fixes/test_upstream_pins.py):
 
 (a) The default sharding format ``fully_sharded_model_space`` fails at save ("ShardedTensor.
     flattened_range is not supported"): ``training/checkpoint.py`` always passes
@@ -36,10 +36,21 @@ def _is_distributed(opt) -> bool:
 
 
 def ensure_state_initialized(optimizer) -> None:
-    """(b): allocate Adam state with Megatron's dummy step if the optimizer never stepped."""
+    """(b): allocate Adam state with Megatron's dummy step if the optimizer never stepped.
+
+    The dummy step runs with lr=0 so that decoupled weight decay leaves the params untouched.
+    """
     for opt in _leaves(optimizer):
         if _is_distributed(opt) and len(opt.optimizer.state) == 0:
-            opt._init_optimizer_states_with_dummy_values()
+            groups = opt.optimizer.param_groups
+            saved = [g["lr"] for g in groups]
+            for g in groups:
+                g["lr"] = 0.0
+            try:
+                opt._init_optimizer_states_with_dummy_values()
+            finally:
+                for g, lr in zip(groups, saved):
+                    g["lr"] = lr
 
 
 def _set_common_keys(self, model_param, tensors) -> None:

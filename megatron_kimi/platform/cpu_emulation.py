@@ -20,6 +20,9 @@ What is routed, and why (Megatron-Core 0.16 has ~570 ``torch.cuda``/``.cuda()`` 
   ranks would draw different random numbers (the "RNG trap").
 * ``synchronize``/``empty_cache``/``set_device``, streams, events, nvtx ranges: no-ops or tiny stand-ins.
 * Memory queries (``memory_stats`` -> a dict defaulting to 0, ``memory_allocated`` ...): 0.
+* Megatron's RNG tracker warns "CPU RNG state changed within GPU RNG context" whenever random numbers
+  are drawn under ``fork()``; with the CPU standing in for the GPU generator that is expected, so
+  that one log message is filtered out.
 
 Nothing else is changed. :func:`is_active` tells whether the emulation is on.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import logging
 import time
 
 import torch
@@ -224,6 +228,11 @@ def _patch_already_imported_megatron() -> None:
         mod._lazy_init = torch.cuda._lazy_init
 
 
+class _DropForkRngWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def activate() -> bool:
     """Route CUDA calls to the CPU if (and only if) CUDA is unavailable. Idempotent.
 
@@ -238,6 +247,7 @@ def activate() -> bool:
     for name in _FACTORIES:
         if hasattr(torch, name):
             setattr(torch, name, _wrap_factory(getattr(torch, name)))
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropForkRngWarning())
     _STATE["active"] = True
     _patch_already_imported_megatron()
     return True

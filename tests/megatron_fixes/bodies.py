@@ -263,8 +263,8 @@ def distopt_observations(rank, world_size, run_dir):
 
         def read_back():
             sd = ckpt._state_dict(b.model, b.optimizer, None, {}, {}, is_loading=True, with_rng=False)
-            for k in ("train_state", "layout", "format_version", "contents"):
-                sd.pop(k)
+            for k in ("train_state", "layout", "format_version", "contents", "optimizer_kind"):
+                sd.pop(k, None)  # the non-sharded entries, as checkpoint.load drops them
             return dist_checkpointing.load(sd, str(final))
 
         # (c) plain load_state_dict
