@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, List, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -143,6 +144,62 @@ class TrainConfig:
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass(frozen=True)
+class SFTStageConfig:
+    """One SFT stage: its own data, context length, epochs and LR schedule (optimizer state carries on)."""
+
+    name: str = "stage1"
+    # A chat jsonl ({"messages": [...]} per line) or "builtin:chat-arithmetic" (the embedded demo set).
+    data: str = "builtin:chat-arithmetic"
+    seq_length: int = 256
+    epochs: int = 1
+    global_batch_size: Optional[int] = 8  # packs (sequences of seq_length) per optimizer step
+    global_batch_tokens: Optional[int] = None  # or: tokens per step (a multiple of seq_length)
+    lr: float = 2e-5
+    min_lr: float = 2e-6
+    warmup_steps: int = 0
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+
+    def packs_per_step(self) -> int:
+        if self.global_batch_tokens is not None:
+            return self.global_batch_tokens // self.seq_length
+        return int(self.global_batch_size or 0)
+
+
+@dataclass(frozen=True)
+class SFTDataConfig:
+    tokenizer: str = "builtin:char"  # a local HF tokenizer dir (its chat template is used) or builtin:char
+    num_workers: int = 2  # tokenization worker processes
+    on_error: Literal["raise", "skip"] = "raise"  # malformed jsonl lines
+    overlong: Literal["truncate", "drop"] = "truncate"  # samples longer than seq_length
+    cache_dir: Optional[str] = None  # default: RUN_DIR/cache
+    builtin_num_samples: int = 3000
+    builtin_long_cot: bool = False  # builtin data with worked (long chain-of-thought) answers
+
+
+@dataclass(frozen=True)
+class SFTTrainingConfig:
+    seed: int = 1234
+    max_steps: Optional[int] = None  # stop after this many steps in total (smoke runs)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """``megatron-kimi sft``: packed SFT over one or more stages (Kimi: 32k then 128k)."""
+
+    run_dir: str = "runs/sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # lr fields come from the stages
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    training: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    stages: List[SFTStageConfig] = field(default_factory=lambda: [SFTStageConfig()])
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -374,17 +431,61 @@ def validate(cfg: Any) -> None:
                 f"training.seq_length={t.seq_length} is not divisible by parallel.tensor="
                 f"{cfg.parallel.tensor} (needed by sequence parallelism)",
             )
-        o = cfg.optimizer
-        _check(o.lr >= 0 and o.min_lr >= 0, "optimizer.lr and optimizer.min_lr must be >= 0")
-        _check(o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} > optimizer.lr={o.lr}")
+        _validate_optimizer(cfg)
+    elif isinstance(cfg, SFTConfig):
+        validate_parallel(cfg.parallel)
+        validate_model(cfg.model, cfg.parallel)
+        _check(len(cfg.stages) >= 1, "stages: at least one stage is needed")
+        for i, st in enumerate(cfg.stages):
+            w = f"stages[{i}] ({st.name})"
+            _check(st.epochs >= 1, f"{w}.epochs must be >= 1")
+            _check(st.min_lr <= st.lr, f"{w}.min_lr={st.min_lr} > {w}.lr={st.lr}")
+            _check((st.global_batch_size is None) != (st.global_batch_tokens is None),
+                   f"{w}: set exactly one of global_batch_size (packs) and global_batch_tokens")
+            if st.global_batch_tokens is not None:
+                _check(st.global_batch_tokens % st.seq_length == 0 and st.global_batch_tokens > 0,
+                       f"{w}.global_batch_tokens={st.global_batch_tokens} is not a positive multiple of "
+                       f"{w}.seq_length={st.seq_length}")
+            _check(st.packs_per_step() >= 1, f"{w}: global batch must be >= 1 pack")
+            _check(st.seq_length <= cfg.model.max_position_embeddings,
+                   f"{w}.seq_length={st.seq_length} exceeds model.max_position_embeddings="
+                   f"{cfg.model.max_position_embeddings}")
+            multiple = _seq_multiple(cfg.parallel)
+            _check(st.seq_length % multiple == 0,
+                   f"{w}.seq_length={st.seq_length} is not a multiple of {multiple} (needed by "
+                   f"parallel.tensor={cfg.parallel.tensor} with sequence parallel / parallel.context="
+                   f"{cfg.parallel.context})")
         _check(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
+
+
+def _seq_multiple(p: ParallelConfig) -> int:
+    m = p.tensor if p.sequence_parallel else 1
+    if p.context > 1:
+        m = m * 2 * p.context // math.gcd(m, 2 * p.context)
+    return m
+
+
+def _validate_optimizer(cfg) -> None:
+    o = cfg.optimizer
+    _check(o.lr >= 0 and o.min_lr >= 0, "optimizer.lr and optimizer.min_lr must be >= 0")
+    _check(o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} > optimizer.lr={o.lr}")
+    _check(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
 
 
 def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
     return world_size // (p.tensor * p.pipeline * p.context)
 
 
-def validate_layout(cfg: TrainConfig, world_size: int) -> int:
+def batch_checks(cfg) -> list:
+    """(name, global batch, micro-batch name, micro batch) for every batch size in the config."""
+    if isinstance(cfg, SFTConfig):
+        return [(f"stages[{i}] ({st.name}) global batch (packs)", st.packs_per_step(), "micro-batch (packs)", 1)
+                for i, st in enumerate(cfg.stages)]
+    t = cfg.training
+    return [("training.global_batch_size", t.global_batch_size, "training.micro_batch_size", t.micro_batch_size)]
+
+
+def validate_layout(cfg, world_size: int) -> int:
     """Checks that need the world size; returns the data-parallel size."""
     p = cfg.parallel
     model_parallel = p.tensor * p.pipeline * p.context
@@ -394,10 +495,9 @@ def validate_layout(cfg: TrainConfig, world_size: int) -> int:
         f"parallel.pipeline={p.pipeline} x parallel.context={p.context} (= {model_parallel})",
     )
     dp = world_size // model_parallel
-    t = cfg.training
-    _check(
-        t.global_batch_size % (t.micro_batch_size * dp) == 0,
-        f"training.global_batch_size={t.global_batch_size} is not divisible by "
-        f"training.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}",
-    )
+    for where, gbs, mbs_name, mbs in batch_checks(cfg):
+        _check(
+            gbs % (mbs * dp) == 0,
+            f"{where}={gbs} is not divisible by {mbs_name}={mbs} x data-parallel size {dp}",
+        )
     return dp

@@ -40,7 +40,7 @@ def causal_attention_bhsd(q_BHSD, k_BHSD, v_BHSD, scale, dropout_p=0.0) -> torch
 
 def varlen_attention_thd_ref(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scale, dropout_p=0.0):
     """Packed causal attention, one SDPA per sample: [t, h, d] -> [t, h, d]."""
-    out = torch.empty_like(q_THD)
+    out = torch.zeros_like(q_THD)  # tokens past the last bound (if any) get no attention output
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end <= start:

@@ -8,6 +8,7 @@ over DP x CP. So the gradient is that of the mean loss over every loss token of 
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Dict, Iterator
 
@@ -23,6 +24,15 @@ def _loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
     return loss_sum, num_tokens, {"lm_loss": report}
 
 
+def packed_to_device(params, device):
+    """A copy of PackedSeqParams with its cu_seqlens tensors on ``device`` (None stays None)."""
+    if params is None:
+        return None
+    moved = {f.name: getattr(params, f.name).to(device, non_blocking=True) for f in dataclasses.fields(params)
+             if isinstance(getattr(params, f.name), torch.Tensor)}
+    return dataclasses.replace(params, **moved)
+
+
 def lm_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     """One micro-batch: tokens/labels/loss_mask/position_ids [b, s] -> per-token CE [b, s]."""
     batch = next(data_iterator)
@@ -31,7 +41,7 @@ def lm_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     labels = batch["labels"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    packed = batch.get("packed_seq_params")
+    packed = packed_to_device(batch.get("packed_seq_params"), device)
     output_BS = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed)
     return output_BS, partial(_loss_func, loss_mask)
 
@@ -55,7 +65,7 @@ def logits_forward_step(data_iterator, model):
     batch = next(data_iterator)
     device = next(model.parameters()).device
     logits = model(batch["tokens"].to(device), batch["position_ids"].to(device), None,
-                   packed_seq_params=batch.get("packed_seq_params"))
+                   packed_seq_params=packed_to_device(batch.get("packed_seq_params"), device))
     return logits, _logits_loss_func
 
 

@@ -37,6 +37,7 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
+    stage: int = 0  # multi-stage schedules (sft): consumed_samples counts within the stage
 
 
 def _device() -> torch.device:
@@ -114,6 +115,7 @@ class Trainer:
         keep_last: int = 0,
         tokens_per_sample: int = 0,
         extra_state: Optional[dict] = None,
+        extra_record: Optional[dict] = None,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> List[dict]:
         """Train until ``total_steps``; returns this call's per-step records."""
@@ -127,7 +129,7 @@ class Trainer:
             s.consumed_samples += source.global_batch_size
             step_tokens = source.global_batch_size * tokens_per_sample
             s.consumed_tokens += step_tokens
-            record = {"step": s.step, **metrics, "tokens": step_tokens, "tokens_per_s": step_tokens / dt,
+            record = {"step": s.step, **(extra_record or {}), **metrics, "tokens": step_tokens, "tokens_per_s": step_tokens / dt,
                       "step_time_s": dt, "consumed_samples": s.consumed_samples, "peak_memory_mb": peak_memory_mb()}
             writer.log(record, s.step)
             history.append(record)

@@ -1,0 +1,157 @@
+"""``megatron-kimi sft CONFIG.yaml``: packed SFT over one or more stages.
+
+Kimi k1.5 (§2.5): 1 epoch at 32k with lr 2e-5 -> 2e-6, then 1 epoch at 128k re-warmed to 1e-5 and
+decayed to 1e-6; long-CoT warm-up SFT is the same command on other data. Every stage has its own
+data, seq_length, epochs and LR schedule; the optimizer state carries over between stages. Loss is the
+mean over all assistant tokens of the global batch. The data position (stage, packs consumed) is in
+every checkpoint, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_kimi.config import SFTConfig, SFTStageConfig, to_dict
+from megatron_kimi.data.chat_synth import generate_chat_arithmetic
+from megatron_kimi.data.sft_cache import build_or_load_cache
+from megatron_kimi.data.sft_source import PackedSFTSource
+from megatron_kimi.data.tokenizer import load_tokenizer
+from megatron_kimi.training import checkpoint as ckpt
+from megatron_kimi.training.lm_step import lm_forward_step
+from megatron_kimi.training.metrics import MetricsWriter, truncate_metrics
+from megatron_kimi.training.optim import build_scheduler
+from megatron_kimi.training.runtime import build_training_bundle, initialize, shutdown
+from megatron_kimi.training.trainer import Trainer, TrainState
+
+BUILTIN_CHAT = "builtin:chat-arithmetic"
+
+
+def _stage_data_path(cfg: SFTConfig, stage: SFTStageConfig, cache: Path) -> Path:
+    if stage.data == BUILTIN_CHAT:
+        suffix = "_cot" if cfg.data.builtin_long_cot else ""
+        return cache / f"chat_arithmetic{suffix}_{cfg.data.builtin_num_samples}.jsonl"
+    return Path(stage.data)
+
+
+def prepare_stage_caches(cfg: SFTConfig, is_rank0: bool):
+    """Tokenizer + one token cache per stage; rank 0 builds, the others then open the same files."""
+    cache = Path(cfg.data.cache_dir or Path(cfg.run_dir) / "cache")
+    paths = [_stage_data_path(cfg, st, cache) for st in cfg.stages]
+    for st, path in zip(cfg.stages, paths):
+        if st.data != BUILTIN_CHAT and not path.is_file():
+            raise ValueError(f"stages ({st.name}).data: {path} does not exist")
+
+    def build():
+        for st, path in zip(cfg.stages, paths):
+            if st.data == BUILTIN_CHAT and not path.is_file():
+                generate_chat_arithmetic(path, cfg.data.builtin_num_samples, seed=cfg.training.seed,
+                                         long_cot=cfg.data.builtin_long_cot)
+        return [build_or_load_cache(p, cfg.data.tokenizer, cache, num_workers=cfg.data.num_workers,
+                                    on_error=cfg.data.on_error) for p in paths]
+
+    if is_rank0:
+        build()
+    dist.barrier()
+    caches = build() if not is_rank0 else [build_or_load_cache(p, cfg.data.tokenizer, cache, num_workers=1,
+                                                               on_error=cfg.data.on_error) for p in paths]
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cache)
+    return tokenizer, caches
+
+
+def stage_optimizer(cfg: SFTConfig, stage: SFTStageConfig, steps: int):
+    return dataclasses.replace(cfg.optimizer, lr=stage.lr, min_lr=stage.min_lr, warmup_steps=stage.warmup_steps,
+                               decay_style=stage.decay_style, decay_steps=max(steps, stage.warmup_steps + 1))
+
+
+def _resume_point(cfg: SFTConfig) -> Path | None:
+    own = ckpt.resolve(Path(cfg.run_dir) / "checkpoints") if cfg.checkpoint.resume else None
+    if own is not None:
+        return own
+    if cfg.checkpoint.load:
+        found = ckpt.resolve(cfg.checkpoint.load)
+        if found is None:
+            raise ValueError(f"checkpoint.load={cfg.checkpoint.load!r}: no checkpoint there")
+        return found
+    return None
+
+
+def run(cfg: SFTConfig) -> int:
+    ctx = initialize(cfg)
+    try:
+        tokenizer, caches = prepare_stage_caches(cfg, ctx.is_rank0)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        pad_multiple = 2 * cfg.parallel.context if cfg.parallel.context > 1 else 1
+        sources = [
+            PackedSFTSource(c, st.seq_length, st.packs_per_step(), dp_rank, ctx.dp_size, cfg.training.seed,
+                            pad_id=tokenizer.pad_token_id, overlong=cfg.data.overlong, pad_to_multiple=pad_multiple)
+            for st, c in zip(cfg.stages, caches)
+        ]
+        stage_steps = [src.total_steps(st.epochs) for st, src in zip(cfg.stages, sources)]
+        bundle = build_training_bundle(cfg, len(tokenizer), total_steps=max(stage_steps[0], 1))
+        trainer = Trainer(bundle, lm_forward_step, cfg.stages[0].seq_length, micro_batch_size=1)
+        run_dir = Path(cfg.run_dir)
+
+        start = _resume_point(cfg)
+        stage_idx = 0
+        if start is not None:
+            saved = ckpt.read_common(start).get("train_state", {})
+            stage_idx = int(saved.get("stage", 0)) if "optimizer" in ckpt.read_common(start).get("contents", []) else 0
+        bundle.scheduler = build_scheduler(bundle.optimizer, stage_optimizer(cfg, cfg.stages[stage_idx],
+                                                                              stage_steps[stage_idx]),
+                                           stage_steps[stage_idx])
+        if start is not None:
+            trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer)
+            if ctx.is_rank0 and "optimizer" in ckpt.read_common(start).get("contents", []):
+                truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+        first = trainer.state.step
+        total = sum(stage_steps)
+        if cfg.training.max_steps is not None:
+            total = min(total, cfg.training.max_steps)
+        writer = MetricsWriter(run_dir, enabled=ctx.is_rank0, tensorboard=cfg.logging.tensorboard,
+                               progress_bar=cfg.logging.progress_bar, progress_total=total, progress_initial=first)
+        if start is not None:
+            writer.print(f"resumed from {start} at step {first} (stage {stage_idx})")
+        history = []
+        stage_start = sum(stage_steps[:stage_idx])
+        for i in range(stage_idx, len(cfg.stages)):
+            st, src = cfg.stages[i], sources[i]
+            if i != stage_idx:  # a fresh stage: new LR schedule, same optimizer state
+                bundle.scheduler = build_scheduler(bundle.optimizer, stage_optimizer(cfg, st, stage_steps[i]),
+                                                   stage_steps[i])
+                trainer.state = TrainState(step=trainer.state.step, stage=i)
+            trainer.state.stage = i
+            trainer.seq_length = st.seq_length
+            plan = src.plan(0)
+            writer.print(
+                f"sft stage {i} ({st.name}): {len(src.cache)} samples, seq_length {st.seq_length}, "
+                f"{stage_steps[i]} steps x {st.packs_per_step()} packs; epoch-0 packing efficiency "
+                f"{plan.efficiency:.3f}, {plan.stats}"
+            )
+            end = min(stage_start + stage_steps[i], total)
+            history += trainer.fit(
+                src, writer, total_steps=end, ckpt_root=run_dir / "checkpoints",
+                save_interval=cfg.checkpoint.save_interval,
+                save_at_end=cfg.checkpoint.save_at_end, keep_last=cfg.checkpoint.keep_last,
+                tokens_per_sample=st.seq_length, extra_state={"config": to_dict(cfg)},
+                extra_record={"stage": i, "packing_efficiency": plan.efficiency},
+            )
+            stage_start += stage_steps[i]
+            if trainer.state.step >= total:
+                break
+        writer.close()
+        if ctx.is_rank0:
+            if history:
+                print(f"sft: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} over steps "
+                      f"{first + 1}..{trainer.state.step}; run dir {run_dir}", flush=True)
+            (run_dir / "sft_stages.json").write_text(json.dumps(
+                [{"stage": st.name, "steps": n, "packing": sources[i].plan(0).stats,
+                  "efficiency": sources[i].plan(0).efficiency} for i, (st, n) in enumerate(zip(cfg.stages, stage_steps))],
+                indent=1, default=str))
+        return 0
+    finally:
+        shutdown()
