@@ -157,7 +157,7 @@ class SFTStageConfig:
     data: str = "builtin:chat-arithmetic"
     seq_length: int = 256
     epochs: int = 1
-    global_batch_size: Optional[int] = 8  # packs (sequences of seq_length) per optimizer step
+    global_batch_size: Optional[int] = None  # packs (sequences of seq_length) per step; default 8
     global_batch_tokens: Optional[int] = None  # or: tokens per step (a multiple of seq_length)
     lr: float = 2e-5
     min_lr: float = 2e-6
@@ -167,7 +167,7 @@ class SFTStageConfig:
     def packs_per_step(self) -> int:
         if self.global_batch_tokens is not None:
             return self.global_batch_tokens // self.seq_length
-        return int(self.global_batch_size or 0)
+        return 8 if self.global_batch_size is None else self.global_batch_size
 
 
 @dataclass(frozen=True)
@@ -440,8 +440,8 @@ def validate(cfg: Any) -> None:
             w = f"stages[{i}] ({st.name})"
             _check(st.epochs >= 1, f"{w}.epochs must be >= 1")
             _check(st.min_lr <= st.lr, f"{w}.min_lr={st.min_lr} > {w}.lr={st.lr}")
-            _check((st.global_batch_size is None) != (st.global_batch_tokens is None),
-                   f"{w}: set exactly one of global_batch_size (packs) and global_batch_tokens")
+            _check(st.global_batch_size is None or st.global_batch_tokens is None,
+                   f"{w}: set one of global_batch_size (packs) and global_batch_tokens, not both")
             if st.global_batch_tokens is not None:
                 _check(st.global_batch_tokens % st.seq_length == 0 and st.global_batch_tokens > 0,
                        f"{w}.global_batch_tokens={st.global_batch_tokens} is not a positive multiple of "

@@ -51,8 +51,9 @@ def prepare_stage_caches(cfg: SFTConfig, is_rank0: bool):
             if st.data == BUILTIN_CHAT and not path.is_file():
                 generate_chat_arithmetic(path, cfg.data.builtin_num_samples, seed=cfg.training.seed,
                                          long_cot=cfg.data.builtin_long_cot)
+        # forkserver: this process already runs torch.distributed threads, which fork() must not copy.
         return [build_or_load_cache(p, cfg.data.tokenizer, cache, num_workers=cfg.data.num_workers,
-                                    on_error=cfg.data.on_error) for p in paths]
+                                    on_error=cfg.data.on_error, mp_context="forkserver") for p in paths]
 
     if is_rank0:
         build()
@@ -130,7 +131,8 @@ def run(cfg: SFTConfig) -> int:
             writer.print(
                 f"sft stage {i} ({st.name}): {len(src.cache)} samples, seq_length {st.seq_length}, "
                 f"{stage_steps[i]} steps x {st.packs_per_step()} packs; epoch-0 packing efficiency "
-                f"{plan.efficiency:.3f}, {plan.stats}"
+                f"{plan.efficiency:.3f} ({plan.stats['bins']} packs; over-long: {plan.stats['truncated']} "
+                f"truncated, {plan.stats['dropped']} dropped)"
             )
             end = min(stage_start + stage_steps[i], total)
             history += trainer.fit(

@@ -120,7 +120,9 @@ def _as_id_list(result: Any) -> list[int]:
     return [int(t) for t in result]
 
 
-def _render(tokenizer: Any, messages: Sequence[dict[str, Any]], generation_prompt: bool) -> list[int]:
+def _render(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], generation_prompt: bool
+) -> list[int]:
     result = tokenizer.apply_chat_template(
         list(messages),
         tokenize=True,
@@ -145,11 +147,14 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
-def _tokenize_with_template(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+def _tokenize_with_template(
+    tokenizer: Any, messages: list[dict[str, Any]]
+) -> tuple[list[int], list[int]]:
     eos = _eos_id(tokenizer)
     ids: list[int] = []
     mask: list[int] = []
-    prev: list[int] = []  # last rendering whose tokens are already in ``ids`` (eos insertions aside)
+    # The last rendering whose tokens are already in ``ids`` (inserted eos tokens aside).
+    prev: list[int] = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
@@ -186,9 +191,11 @@ def _tokenize_with_template(tokenizer: Any, messages: list[dict[str, Any]]) -> t
 def _single_token_id(tokenizer: Any, token: str) -> int:
     tid = tokenizer.convert_tokens_to_ids(token)
     unk = getattr(tokenizer, "unk_token_id", None)
-    if tid is None or (unk is not None and tid == unk and token != getattr(tokenizer, "unk_token", None)):
+    is_unk = unk is not None and tid == unk and token != getattr(tokenizer, "unk_token", None)
+    if tid is None or is_unk:
         raise ValueError(
-            f"tokenizer has no chat_template and no single token {token!r} for the built-in template"
+            f"tokenizer has no chat_template and no single token {token!r} "
+            "for the built-in template"
         )
     return int(tid)
 
@@ -200,7 +207,9 @@ def _encode_content(tokenizer: Any, text: str) -> list[int]:
     return [int(t) for t in enc["input_ids"]]
 
 
-def _tokenize_builtin(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+def _tokenize_builtin(
+    tokenizer: Any, messages: list[dict[str, Any]]
+) -> tuple[list[int], list[int]]:
     eos = _eos_id(tokenizer)
     role_ids = {role: _single_token_id(tokenizer, tok) for role, tok in BUILTIN_ROLE_TOKENS.items()}
     end_id = _single_token_id(tokenizer, BUILTIN_END_TOKEN)

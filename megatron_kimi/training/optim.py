@@ -32,8 +32,12 @@ def build_optimizer(chunks: List, opt: OptimizerConfig, parallel: ParallelConfig
 def build_scheduler(optimizer, opt: OptimizerConfig, total_steps: int) -> OptimizerParamScheduler:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine/linear/constant to ``min_lr``.
 
-    One scheduler step = one optimizer step.
+    One scheduler step = one optimizer step. Megatron's param groups carry their own ``max_lr``/
+    ``min_lr`` (taken from the optimizer config), which the scheduler prefers over its own: they are
+    set here, so a new stage's schedule (multi-stage SFT) really takes effect.
     """
+    for group in optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = opt.lr, opt.min_lr
     decay_steps = opt.decay_steps if opt.decay_steps is not None else max(total_steps, opt.warmup_steps + 1)
     decay_steps = max(decay_steps, opt.warmup_steps + 1)
     return OptimizerParamScheduler(
