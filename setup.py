@@ -23,6 +23,7 @@ core = [
     "psutil",
     "einops",
     "packaging",
+    "matplotlib",  # the RL run's PNG plot
 ]
 
 packages = find_packages(include=["megatron_kimi", "megatron_kimi.*"])

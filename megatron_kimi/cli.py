@@ -10,12 +10,13 @@ import importlib
 import sys
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
-from megatron_kimi.config import ConfigError, SFTConfig, TrainConfig, load_config
+from megatron_kimi.config import ConfigError, RLConfig, SFTConfig, TrainConfig, load_config
 
 # command -> (config schema, "module:function" that runs it)
 COMMANDS: Dict[str, Tuple[type, str, str]] = {
     "train": (TrainConfig, "megatron_kimi.commands.train:run", "causal-LM training on a corpus"),
     "sft": (SFTConfig, "megatron_kimi.commands.sft:run", "packed SFT over one or more stages"),
+    "rl": (RLConfig, "megatron_kimi.commands.rl:run", "online mirror-descent RL with verifiable rewards"),
 }
 
 

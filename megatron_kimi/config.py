@@ -179,6 +179,8 @@ class SFTDataConfig:
     cache_dir: Optional[str] = None  # default: RUN_DIR/cache
     builtin_num_samples: int = 3000
     builtin_long_cot: bool = False  # builtin data with worked (long chain-of-thought) answers
+    builtin_operands: int = 0  # 0: long-tailed 2..6 operands; n: always n (the RL demo warms up on n=2)
+    builtin_multi_turn: bool = True
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,70 @@ class SFTConfig:
     training: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     stages: List[SFTStageConfig] = field(default_factory=lambda: [SFTStageConfig()])
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass(frozen=True)
+class RLAlgoConfig:
+    """Online mirror descent (Kimi k1.5 §2.3)."""
+
+    loss: str = "mirror_descent"  # a name in megatron_kimi.rl.loss.LOSSES
+    tau: float = 0.1
+    k: int = 8  # samples per prompt
+    prompts_per_iteration: int = 32
+    iterations: int = 100
+    updates_per_iteration: int = 2  # optimizer steps per iteration, over mini-batches of the samples
+    reset_optimizer: bool = False  # the paper resets the optimizer state at every iteration
+    length_penalty_weight: float = 0.0  # w in §2.3.3 (0 = off)
+    length_penalty_warmup: int = 0  # iterations before the length penalty switches on
+    repeat_penalty: float = -1.0  # reward of a response stopped by the repeat detector
+    eval_interval: int = 0  # held-out evaluation every N iterations (0 = only before and after)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: Literal["builtin"] = "builtin"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    max_batch_size: int = 64  # concurrent sequences (continuous batching slots)
+    repeat_detection: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RLDataConfig:
+    # Prompts jsonl ({"prompt", "answer", "kind", "tests", "difficulty"} per line) or builtin:arithmetic.
+    prompts: str = "builtin:arithmetic"
+    eval_prompts: Optional[str] = None  # held-out prompts (builtin: a disjoint arithmetic set)
+    eval_size: int = 200
+    tokenizer: str = "builtin:char"
+    reward: Optional[str] = None  # override the per-prompt "kind" reward (a registry name or dotted path)
+
+
+@dataclass(frozen=True)
+class RLTrainingConfig:
+    seed: int = 1234
+    seq_length: int = 256  # pack capacity for training micro-batches (prompt + response)
+    max_packs_per_microbatch: int = 1
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """``megatron-kimi rl``: online mirror-descent RL with verifiable rewards."""
+
+    run_dir: str = "runs/rl"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, min_lr=1e-4, decay_style="constant"))
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    training: RLTrainingConfig = field(default_factory=RLTrainingConfig)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rl: RLAlgoConfig = field(default_factory=RLAlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -456,6 +522,22 @@ def validate(cfg: Any) -> None:
                    f"parallel.tensor={cfg.parallel.tensor} with sequence parallel / parallel.context="
                    f"{cfg.parallel.context})")
         _check(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
+    elif isinstance(cfg, RLConfig):
+        validate_parallel(cfg.parallel)
+        validate_model(cfg.model, cfg.parallel)
+        _validate_optimizer(cfg)
+        r = cfg.rl
+        _check(r.k >= 2, f"rl.k={r.k}: the mean-reward baseline needs k >= 2 samples per prompt")
+        _check(r.tau > 0, f"rl.tau must be > 0, got {r.tau}")
+        _check(r.prompts_per_iteration >= 1 and r.iterations >= 0, "rl.prompts_per_iteration >= 1, rl.iterations >= 0")
+        _check(r.updates_per_iteration >= 1, "rl.updates_per_iteration must be >= 1")
+        _check(cfg.parallel.pipeline == 1 and cfg.parallel.context == 1,
+               "rl: the built-in rollout engine supports tensor and data parallelism only (parallel.pipeline=1, "
+               "parallel.context=1)")
+        _check(cfg.rollout.temperature >= 0, "rollout.temperature must be >= 0")
+        _check(cfg.training.seq_length <= cfg.model.max_position_embeddings,
+               f"training.seq_length={cfg.training.seq_length} exceeds model.max_position_embeddings="
+               f"{cfg.model.max_position_embeddings}")
 
 
 def _seq_multiple(p: ParallelConfig) -> int:
@@ -478,6 +560,8 @@ def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
 
 def batch_checks(cfg) -> list:
     """(name, global batch, micro-batch name, micro batch) for every batch size in the config."""
+    if isinstance(cfg, RLConfig):
+        return [("rl.prompts_per_iteration", cfg.rl.prompts_per_iteration, "prompts per rank", 1)]
     if isinstance(cfg, SFTConfig):
         return [(f"stages[{i}] ({st.name}) global batch (packs)", st.packs_per_step(), "micro-batch (packs)", 1)
                 for i, st in enumerate(cfg.stages)]

@@ -33,8 +33,9 @@ BUILTIN_CHAT = "builtin:chat-arithmetic"
 
 def _stage_data_path(cfg: SFTConfig, stage: SFTStageConfig, cache: Path) -> Path:
     if stage.data == BUILTIN_CHAT:
-        suffix = "_cot" if cfg.data.builtin_long_cot else ""
-        return cache / f"chat_arithmetic{suffix}_{cfg.data.builtin_num_samples}.jsonl"
+        d = cfg.data
+        tag = f"{'cot' if d.builtin_long_cot else 'plain'}_op{d.builtin_operands}_mt{int(d.builtin_multi_turn)}"
+        return cache / f"chat_arithmetic_{tag}_{d.builtin_num_samples}_{cfg.training.seed}.jsonl"
     return Path(stage.data)
 
 
@@ -50,7 +51,8 @@ def prepare_stage_caches(cfg: SFTConfig, is_rank0: bool):
         for st, path in zip(cfg.stages, paths):
             if st.data == BUILTIN_CHAT and not path.is_file():
                 generate_chat_arithmetic(path, cfg.data.builtin_num_samples, seed=cfg.training.seed,
-                                         long_cot=cfg.data.builtin_long_cot)
+                                         long_cot=cfg.data.builtin_long_cot, operands=cfg.data.builtin_operands,
+                                         multi_turn=cfg.data.builtin_multi_turn)
         # forkserver: this process already runs torch.distributed threads, which fork() must not copy.
         return [build_or_load_cache(p, cfg.data.tokenizer, cache, num_workers=cfg.data.num_workers,
                                     on_error=cfg.data.on_error, mp_context="forkserver") for p in paths]

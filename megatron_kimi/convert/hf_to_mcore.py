@@ -214,7 +214,8 @@ def convert_rank(plan: dict) -> None:
             for sh in local_shards(chunks):
                 _fill_shard(sh, arch, plan["weight_map"], read)
         for name, p in params:
-            if torch.isnan(p).any():
+            flat = p.detach().view(-1)
+            if any(torch.isnan(flat[i:i + (1 << 24)]).any() for i in range(0, flat.numel(), 1 << 24)):
                 raise hf.ConversionError(f"Megatron parameter {name!r} was not (fully) filled from the HF "
                                          "checkpoint (or the source holds NaNs)")
     checkpoint.save(plan["out"], 0, chunks, None, None, plan["train_state"], extra=plan["extra"])
@@ -338,11 +339,12 @@ def prepare(
     Returns the (picklable) plan that every rank passes to :func:`convert_rank`.
     """
     from megatron_kimi.config import validate_model
-    from megatron_kimi.model.builder import padded_vocab_size
 
     hf_dir, out = Path(hf_dir).resolve(), Path(out).resolve()
     if tp < 1 or pp < 1:
         raise hf.ConversionError(f"tp={tp}, pp={pp}: both must be >= 1")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise hf.ConversionError(f"{out}: output directory is not empty (pass overwrite=True / --overwrite)")
     hf_config = read_hf_config(hf_dir)
     try:
         m = hf.model_config_from_hf(hf_config, make_vocab_size_divisible_by)
@@ -352,14 +354,14 @@ def prepare(
         validate_model(m, ParallelConfig(tensor=tp, pipeline=pp))
     except ValueError as e:
         raise hf.ConversionError(f"{hf_dir}: cannot convert at tp={tp}, pp={pp}: {e}") from None
+    tensors, where = scan_hf_tensors(hf_dir)
+    from megatron_kimi.model.builder import padded_vocab_size  # imports Megatron
+
     padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
     arch = hf.arch_from_model_config(m, padded)
-    tensors, where = scan_hf_tensors(hf_dir)
     weight_map = check_hf_tensors(tensors, arch, where)
 
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise hf.ConversionError(f"{out}: output directory is not empty (pass overwrite=True / --overwrite)")
+    if out.exists():
         for child in ("latest", "iter_0000000", "model_config.yaml", "tokenizer"):
             target = out / child
             if target.is_dir():
@@ -388,7 +390,8 @@ def prepare(
         "out": str(out),
         "tokenizer_files": tok_files,
         "train_state": {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "stage": 0},
-        "extra": {"config": to_dict(train_config), "hf": record, "converted_from": "hf"},
+        "extra": {"config": to_dict(train_config), "hf": record, "hf_architecture": record["architectures"][0],
+                  "converted_from": "hf"},
     }
 
 

@@ -68,6 +68,18 @@ def _find_tokenizer(tokenizer: Optional[str | Path], ckpt_dir: Path, common: dic
     return None
 
 
+def _tokenizer_facts(tok_dir: Path) -> dict:
+    """Vocabulary size and special token ids of a tokenizer directory ({} if it does not load)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception:  # noqa: BLE001 - only a fallback source of facts
+        return {}
+    return {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}
+
+
 class _ProcessGroup:
     """A 1-rank gloo group on an in-memory store, unless torch.distributed is already set up."""
 
@@ -185,11 +197,17 @@ def mcore_to_hf(
         if hf.EMBEDDING not in metadata:
             raise hf.ConversionError(f"missing tensor {hf.EMBEDDING!r} in checkpoint {ckpt_dir}")
         padded = metadata[hf.EMBEDDING].global_shape[0]
-        vocab = vocab_size or m.vocab_size or (record.get("config") or {}).get("vocab_size") or padded
+        tok_dir = _find_tokenizer(tokenizer, ckpt_dir, common)
+        base = record.get("config")
+        tok = _tokenizer_facts(tok_dir) if tok_dir is not None and (base is None or not m.vocab_size) else {}
+        # model.vocab_size None: the run used its tokenizer's size (padded in the checkpoint)
+        vocab = vocab_size or m.vocab_size or (base or {}).get("vocab_size") or tok.get("vocab_size") or padded
         arch = hf.arch_from_model_config(m, padded, vocab)
         _check_metadata(metadata, arch, ckpt_dir)
         out_dtype = _DTYPES[dtype] if dtype else metadata[hf.EMBEDDING].dtype
-        hf_config = hf.hf_config_from_model_config(m, model_type, vocab, out_dtype, base=record.get("config"))
+        if base is None:  # trained from scratch: token ids from the tokenizer
+            base = {k: v for k, v in tok.items() if k.endswith("_token_id") and v is not None}
+        hf_config = hf.hf_config_from_model_config(m, model_type, vocab, out_dtype, base=base)
 
         shapes = list(hf.hf_shapes(arch).items())
         files = hf.plan_shards(shapes, out_dtype, max_bytes)
@@ -224,7 +242,6 @@ def mcore_to_hf(
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if record.get("generation_config"):
         (out / "generation_config.json").write_text(json.dumps(record["generation_config"], indent=2) + "\n")
-    tok_dir = _find_tokenizer(tokenizer, ckpt_dir, common)
     if tok_dir is not None:
         for f in hf.TOKENIZER_FILES:
             if (tok_dir / f).is_file():

@@ -14,9 +14,16 @@ import numpy as np
 _OPERAND_P = np.array([0.45, 0.25, 0.15, 0.1, 0.05])  # 2..6 operands
 
 
-def _problem(rng: np.random.Generator, long_cot: bool) -> tuple[str, str, int]:
-    k = int(rng.choice(np.arange(2, 7), p=_OPERAND_P))
+def is_heldout(a: int, b: int) -> bool:
+    """Two-operand problems kept out of every training set (the RL demo's held-out split, ~10%)."""
+    return (a * 100 + b) % 10 == 7
+
+
+def _problem(rng: np.random.Generator, long_cot: bool, operands: int = 0) -> tuple[str, str, int]:
+    k = operands or int(rng.choice(np.arange(2, 7), p=_OPERAND_P))
     xs = [int(x) for x in rng.integers(0, 100, size=k)]
+    while k == 2 and is_heldout(*xs):
+        xs = [int(x) for x in rng.integers(0, 100, size=k)]
     question = "+".join(map(str, xs)) + "="
     if not long_cot:
         return question, str(sum(xs)), k
@@ -27,20 +34,25 @@ def _problem(rng: np.random.Generator, long_cot: bool) -> tuple[str, str, int]:
     return question, "\n".join(steps) + f"\nanswer: {acc}", k
 
 
-def generate_chat_arithmetic(path: str | Path, num_samples: int, seed: int, long_cot: bool = False) -> Path:
-    """Write ``num_samples`` chat lines; ~20% have a system prompt, ~20% two user turns."""
+def generate_chat_arithmetic(path: str | Path, num_samples: int, seed: int, long_cot: bool = False,
+                             operands: int = 0, multi_turn: bool = True) -> Path:
+    """Write ``num_samples`` chat lines; ~20% have a system prompt, ~20% two user turns.
+
+    ``operands``: 0 = long-tailed 2..6 operands, n = always n. Held-out pairs (:func:`is_heldout`)
+    never appear.
+    """
     rng = np.random.default_rng(seed)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
         for _ in range(num_samples):
             messages = []
-            if rng.random() < 0.2:
+            if multi_turn and rng.random() < 0.2:
                 messages.append({"role": "system", "content": "Add the numbers."})
-            turns = 2 if rng.random() < 0.2 else 1
+            turns = 2 if multi_turn and rng.random() < 0.2 else 1
             difficulty = 0
             for _ in range(turns):
-                q, a, k = _problem(rng, long_cot)
+                q, a, k = _problem(rng, long_cot, operands)
                 messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
                 difficulty = max(difficulty, k)
             f.write(json.dumps({"messages": messages, "source": "builtin", "difficulty": difficulty}) + "\n")

@@ -46,10 +46,17 @@ def lm_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     return output_BS, partial(_loss_func, loss_mask)
 
 
+REPORT_WIDTH = {"lm_loss": 2, "rl": 3}
+
+
+def report_width(key: str) -> int:
+    return REPORT_WIDTH.get(key, 2)
+
+
 def reduce_reports(reports: list, key: str = "lm_loss") -> torch.Tensor:
-    """Sum the [loss_sum, tokens] reports of this rank's micro-batches."""
+    """Sum the [loss_sum, tokens, ...] reports of this rank's micro-batches."""
     if not reports:
-        return torch.zeros(2, dtype=torch.float64)
+        return torch.zeros(report_width(key), dtype=torch.float64)
     return torch.stack([r[key].double() for r in reports]).sum(0)
 
 

@@ -37,6 +37,7 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
+    iteration: int = 0  # RL iterations done
     stage: int = 0  # multi-stage schedules (sft): consumed_samples counts within the stage
 
 
@@ -44,8 +45,9 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def global_loss_and_tokens(reports: list, key: str = "lm_loss") -> tuple[float, float]:
-    """Sum of masked token losses and token count over the whole global batch, on every rank."""
+def global_report(reports: list, key: str = "lm_loss") -> List[float]:
+    """The micro-batch reports (``[loss_sum, count, extra sums...]``) summed over the global batch,
+    on every rank."""
     t = reduce_reports(reports, key).to(_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
@@ -53,7 +55,7 @@ def global_loss_and_tokens(reports: list, key: str = "lm_loss") -> tuple[float, 
         t.zero_()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(t[0]), float(t[1])
+    return [float(x) for x in t]
 
 
 class Trainer:
@@ -94,8 +96,10 @@ class Trainer:
             forward_only=False,
         )
         ok, grad_norm, _ = b.optimizer.step()
-        loss_sum, tokens = global_loss_and_tokens(reports, self.loss_key)
+        report = global_report(reports, self.loss_key)
+        loss_sum, tokens = report[0], report[1]
         return {
+            "report": report,
             "loss": loss_sum / max(tokens, 1.0),
             "lr": float(lr),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -129,6 +133,7 @@ class Trainer:
             s.consumed_samples += source.global_batch_size
             step_tokens = source.global_batch_size * tokens_per_sample
             s.consumed_tokens += step_tokens
+            metrics.pop("report")
             record = {"step": s.step, **(extra_record or {}), **metrics, "tokens": step_tokens, "tokens_per_s": step_tokens / dt,
                       "step_time_s": dt, "consumed_samples": s.consumed_samples, "peak_memory_mb": peak_memory_mb()}
             writer.log(record, s.step)

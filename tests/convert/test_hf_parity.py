@@ -25,6 +25,8 @@ import torch
 
 from tests.dist import run_distributed
 
+pytestmark = pytest.mark.timeout(600)
+
 ROOT = Path(__file__).resolve().parents[2]
 B, S = 2, 12
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
@@ -111,7 +113,7 @@ def hf_models(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 
 
-def _layout_body(rank, world_size, tp, pp, plans, inputs, with_trainer):
+def _layout_body(rank, world_size, tp, pp, plans, inputs, with_trainer, also_load):
     from megatron_kimi.platform import cpu_emulation
 
     cpu_emulation.activate()
@@ -128,8 +130,10 @@ def _layout_body(rank, world_size, tp, pp, plans, inputs, with_trainer):
         for plan in plans.values():
             convert_rank(plan)
         out = {}
-        for name, plan in plans.items():
-            ckpt_dir = checkpoint.resolve(plan["out"])
+        jobs = [(name, name, plan["out"]) for name, plan in plans.items()]
+        jobs += [(label, name, root) for label, (name, root) in also_load.items()]  # saved at another layout
+        for label, name, root in jobs:
+            ckpt_dir = checkpoint.resolve(root)
             common = checkpoint.read_common(ckpt_dir)
             # The model section a user would copy (from the checkpoint), at this layout.
             cfg = build_config(TrainConfig, {
@@ -146,8 +150,8 @@ def _layout_body(rank, world_size, tp, pp, plans, inputs, with_trainer):
             for c in chunks:
                 c.eval()
             logits = forward_logits(chunks, [batch], S)
-            out[name] = None if logits is None else logits[0][..., : m.vocab_size].clone()
-            if with_trainer and name == "llama":
+            out[label] = None if logits is None else logits[0][..., : m.vocab_size].clone()
+            if with_trainer and label == "llama":
                 bundle = build_training_bundle(cfg, m.vocab_size, 1)
                 Trainer(bundle, lm_forward_step, S, B).load(ckpt_dir)  # contents == ["model"]: weights only
                 for c in bundle.model:
@@ -168,7 +172,10 @@ def converted(hf_models, tmp_path_factory):
     for layout, (tp, pp) in LAYOUTS.items():
         plans = {name: prepare(hf_models[name].dir, root / f"{name}_{layout}", tp=tp, pp=pp) for name in MODELS}
         inputs = {name: hf_models[name].tokens for name in MODELS}
-        per_rank = run_distributed(_layout_body, tp * pp, tp, pp, plans, inputs, layout == "tp1", timeout=300)
+        # PP=2 also loads the TP=2 conversion (resharding on load)
+        also = {f"{n}/from_tp2": (n, root / f"{n}_tp2") for n in MODELS} if layout == "pp2" else {}
+        per_rank = run_distributed(_layout_body, tp * pp, tp, pp, plans, inputs, layout == "tp1", also,
+                                   timeout=300)
         merged = {}
         for r in per_rank:
             for k, v in r.items():
@@ -203,6 +210,13 @@ def test_trainer_load_parity(hf_models, converted):
     assert diff <= TOL
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_tp2_checkpoint_loads_at_pp2(hf_models, converted, model):
+    diff = _max_diff(converted.logits["pp2"][f"{model}/from_tp2"], hf_models[model].logits)
+    MAX_DIFFS[(model, "tp2 ckpt loaded at pp2")] = diff
+    assert diff <= TOL
+
+
 def test_checkpoint_contents(hf_models, converted):
     import yaml
 
@@ -218,6 +232,7 @@ def test_checkpoint_contents(hf_models, converted):
         tp, pp = LAYOUTS[layout]
         assert common["layout"]["tp"] == tp and common["layout"]["pp"] == pp
         assert common["hf"]["model_type"] == name
+        assert common["hf_architecture"] == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name]
         saved = ModelConfig(**common["config"]["model"])
         from_yaml = ModelConfig(**yaml.safe_load((root / "model_config.yaml").read_text())["model"])
         assert saved == from_yaml
@@ -296,9 +311,11 @@ def test_cli_roundtrip_llama_tp2(hf_models, tmp_path):
     assert len(set(index["weight_map"].values())) > 1 and sorted(index["weight_map"]) == sorted(orig.tensors)
     assert "lm_head.weight" in index["weight_map"]  # untied
     _check_roundtrip(orig, out)
-    # a second conversion into the same directory needs --overwrite
-    proc = _cli("hf-to-mcore", "--hf-dir", orig.dir, "--out", ckpt)
-    assert proc.returncode == 2 and "overwrite" in proc.stderr
+    # a second conversion into the same directory needs overwrite (checked before anything is spawned)
+    from megatron_kimi.convert.hf_to_mcore import hf_to_mcore
+
+    with pytest.raises(ValueError, match="overwrite"):
+        hf_to_mcore(orig.dir, ckpt, tp=2)
 
 
 # --------------------------------------------------------------------------------------------

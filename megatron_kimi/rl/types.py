@@ -1,0 +1,60 @@
+"""The data contract between rollout and training (slime-style dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class Prompt:
+    """One RL prompt (a line of the prompts jsonl)."""
+
+    prompt: str
+    answer: Optional[str] = None
+    kind: str = "math"  # the reward to score it with: math | code | exact | a dotted path
+    tests: Optional[List[dict]] = None  # code: [{"input": ..., "output": ...}]
+    difficulty: Optional[float] = None
+    metadata: Dict = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    """One response y_j to prompt x (group ``prompt_index``), with everything the trainer needs."""
+
+    prompt_index: int
+    prompt: Prompt
+    prompt_ids: List[int]
+    response_ids: List[int]
+    response: str
+    sampler_logprobs: List[float]  # per response token, from the rollout engine
+    finish_reason: str  # stop | length | repeat
+    reward: float = 0.0
+    reward_parts: Dict[str, float] = field(default_factory=dict)  # task, length, repeat
+    correct: bool = False
+    ref_logp: Optional[float] = None  # log π_θi(y|x), recomputed by the trainer at the iteration start
+    entropy: Optional[float] = None  # mean per-token entropy of the sampling distribution
+
+    @property
+    def response_length(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class RolloutBatch:
+    """All samples of one iteration: ``k`` per prompt."""
+
+    iteration: int
+    k: int
+    samples: List[Sample]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def groups(self) -> Dict[int, List[Sample]]:
+        out: Dict[int, List[Sample]] = {}
+        for s in self.samples:
+            out.setdefault(s.prompt_index, []).append(s)
+        return out
