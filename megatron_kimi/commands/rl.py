@@ -126,8 +126,8 @@ def run(cfg: RLConfig) -> int:
             raise ValueError(f"checkpoint.load={cfg.checkpoint.load!r}: no checkpoint there")
         if start is not None:
             trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer and own is not None)
-            if own is not None and ctx.is_rank0:  # (a warm start, e.g. from SFT, counts from zero)
-                truncate_metrics(run_dir / "metrics.jsonl", trainer.state.iteration)
+        if ctx.is_rank0:  # resumed: keep what preceded the checkpoint; fresh or warm start: start over
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.iteration if own is not None else 0)
         stop_ids = sorted({tokenizer.eos_token_id} | ({tokenizer.convert_tokens_to_ids("<|end|>")}
                                                        if "<|end|>" in tokenizer.get_vocab() else set()))
         engine = GenerationEngine(unwrap(bundle.model[0]), max_batch_size=cfg.rollout.max_batch_size,

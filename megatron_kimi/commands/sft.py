@@ -109,8 +109,8 @@ def run(cfg: SFTConfig) -> int:
                                            stage_steps[stage_idx])
         if start is not None:
             trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer)
-            if ctx.is_rank0 and "optimizer" in ckpt.read_common(start).get("contents", []):
-                truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+        if ctx.is_rank0:  # a resumed run rewrites what followed its checkpoint; a fresh one starts over
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
         first = trainer.state.step
         total = sum(stage_steps)
         if cfg.training.max_steps is not None:

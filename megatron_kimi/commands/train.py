@@ -71,8 +71,8 @@ def run(cfg: TrainConfig) -> int:
         start = resume_dir(cfg)
         if start is not None:
             trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer)
-            if ctx.is_rank0:
-                truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+        if ctx.is_rank0:  # a resumed run rewrites what followed its checkpoint; a fresh one starts over
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
         first = trainer.state.step
         writer = MetricsWriter(run_dir, enabled=ctx.is_rank0, tensorboard=cfg.logging.tensorboard,
                                progress_bar=cfg.logging.progress_bar, progress_total=t.steps, progress_initial=first)

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", default=None, help="tokenizer directory to copy (default: the recorded one)")
     b.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (e.g. 2GB, 500MB)")
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="output dtype (default: the checkpoint's)")
+                   help="output dtype (default: the original HF checkpoint's, else the Megatron checkpoint's)")
     b.add_argument("--vocab-size", type=int, default=None,
                    help="unpadded vocabulary (default: model.vocab_size of the checkpoint)")
     return parser

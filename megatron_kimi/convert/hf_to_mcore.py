@@ -159,10 +159,11 @@ def _fill_shard(sh, arch: hf.Arch, weight_map: Dict[str, str], read) -> None:
             if seg.hf_name is None:
                 dst.zero_()
             else:
-                src = read(weight_map[seg.hf_name], seg.hf_name, (slice(seg.start + lo - g0, seg.start + hi - g0),) + cols)
+                path = weight_map[seg.hf_name]
+                src = read(path, seg.hf_name, (slice(seg.start + lo - g0, seg.start + hi - g0),) + cols)
                 if tuple(src.shape) != tuple(dst.shape):
-                    raise hf.ConversionError(f"tensor {seg.hf_name!r} in {weight_map[seg.hf_name]}: read {list(src.shape)} "
-                                             f"for Megatron {sh.name!r}, expected {list(dst.shape)}")
+                    raise hf.ConversionError(f"tensor {seg.hf_name!r} in {path}: read {list(src.shape)} for "
+                                             f"Megatron {sh.name!r}, expected {list(dst.shape)}")
                 dst.copy_(src)
         g0 = g1
 

@@ -30,6 +30,7 @@ from megatron_kimi.convert import hf
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _OUR_FILES = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
@@ -38,21 +39,47 @@ def _model_config(common: dict, ckpt_dir: Path) -> ModelConfig:
     if not isinstance(model, dict):
         raise hf.ConversionError(f"{ckpt_dir}: the checkpoint records no model config (common['config']['model'])")
     try:
-        return build_config(TrainConfig, {"model": model, "training": {"seq_length": 1}}, f"{ckpt_dir} model config").model
+        data = {"model": model, "training": {"seq_length": 1}}
+        return build_config(TrainConfig, data, f"{ckpt_dir} model config").model
     except ValueError as e:
         raise hf.ConversionError(str(e)) from None
 
 
-def _find_tokenizer(tokenizer: Optional[str | Path], ckpt_dir: Path, common: dict) -> Optional[Path]:
+def _hf_record(common: dict, ckpt_dir: Path) -> dict:
+    """The HF record of hf_to_mcore: in this checkpoint, or in the one its run started from.
+
+    A run started with ``checkpoint.load=<converted checkpoint>`` saves only its own config; the
+    architecture, original config.json and tokenizer are then taken from that checkpoint (``_root``:
+    the checkpoint root the record's relative paths refer to).
+    """
+    from megatron_kimi.training import checkpoint
+
+    seen = set()
+    while True:
+        if common.get("hf"):
+            return dict(common["hf"], _root=str(ckpt_dir.parent))
+        load = ((common.get("config") or {}).get("checkpoint") or {}).get("load")
+        if not load:
+            return {}
+        try:
+            origin = checkpoint.resolve(load)
+            if origin is None or origin.resolve() in seen:
+                return {}
+            seen.add(origin.resolve())
+            common, ckpt_dir = checkpoint.read_common(origin), origin
+        except ValueError:
+            return {}
+
+
+def _find_tokenizer(tokenizer: Optional[str | Path], ckpt_dir: Path, common: dict, record: dict) -> Optional[Path]:
     if tokenizer is not None:
         path = Path(tokenizer)
         if not path.is_dir():
             raise hf.ConversionError(f"tokenizer directory {path} does not exist")
         return path
-    record = common.get("hf") or {}
     candidates: List[Path] = []
     if record.get("tokenizer_dir"):
-        candidates += [ckpt_dir.parent / record["tokenizer_dir"], ckpt_dir / record["tokenizer_dir"]]
+        candidates.append(Path(record.get("_root", ckpt_dir.parent)) / record["tokenizer_dir"])
     if record.get("source_dir"):
         candidates.append(Path(record["source_dir"]))
     cfg = common.get("config") or {}
@@ -180,7 +207,7 @@ def mcore_to_hf(
         raise hf.ConversionError(f"{ckpt}: no checkpoint there (expected an iter_* directory or a `latest` file)")
     common = checkpoint.read_common(ckpt_dir)
     m = _model_config(common, ckpt_dir)
-    record = common.get("hf") or {}
+    record = _hf_record(common, ckpt_dir)
     model_type = model_type or record.get("model_type")
     if model_type is None:
         raise hf.ConversionError(f"{ckpt_dir}: the checkpoint does not record an HF architecture; pass "
@@ -197,14 +224,20 @@ def mcore_to_hf(
         if hf.EMBEDDING not in metadata:
             raise hf.ConversionError(f"missing tensor {hf.EMBEDDING!r} in checkpoint {ckpt_dir}")
         padded = metadata[hf.EMBEDDING].global_shape[0]
-        tok_dir = _find_tokenizer(tokenizer, ckpt_dir, common)
+        tok_dir = _find_tokenizer(tokenizer, ckpt_dir, common, record)
         base = record.get("config")
         tok = _tokenizer_facts(tok_dir) if tok_dir is not None and (base is None or not m.vocab_size) else {}
         # model.vocab_size None: the run used its tokenizer's size (padded in the checkpoint)
         vocab = vocab_size or m.vocab_size or (base or {}).get("vocab_size") or tok.get("vocab_size") or padded
         arch = hf.arch_from_model_config(m, padded, vocab)
         _check_metadata(metadata, arch, ckpt_dir)
-        out_dtype = _DTYPES[dtype] if dtype else metadata[hf.EMBEDDING].dtype
+        source = record.get("source_dtype") or []  # the HF checkpoint's dtype, if it came from one
+        if dtype:
+            out_dtype = _DTYPES[dtype]
+        elif len(source) == 1 and source[0] in _SAFETENSORS_DTYPES:
+            out_dtype = _SAFETENSORS_DTYPES[source[0]]
+        else:
+            out_dtype = metadata[hf.EMBEDDING].dtype
         if base is None:  # trained from scratch: token ids from the tokenizer
             base = {k: v for k, v in tok.items() if k.endswith("_token_id") and v is not None}
         hf_config = hf.hf_config_from_model_config(m, model_type, vocab, out_dtype, base=base)

@@ -167,7 +167,7 @@ def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size
             share_embeddings_and_output_weights=model.tie_word_embeddings,
             position_embedding_type=model.position_embedding_type,
             rotary_percent=model.rotary_percent,
-            rotary_base=int(model.rotary_base),
+            rotary_base=int(model.rotary_base) if float(model.rotary_base).is_integer() else model.rotary_base,
             vp_stage=stage,
         )
         chunk.model_type = getattr(chunk, "model_type", None)

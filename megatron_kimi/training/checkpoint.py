@@ -124,6 +124,8 @@ def _state_dict(chunks, optimizer, scheduler, train_state: dict, extra: dict, is
     sd["layout"] = layout()
     sd["format_version"] = FORMAT_VERSION
     sd["contents"] = [k for k in ("model", "optimizer", "scheduler") if k in sd or (k == "model" and chunks)]
+    if with_rng:
+        sd["contents"].append("rng_state")
     sd.update(extra)
     if with_rng:
         sd["rng_state"] = _rng_sharded_object(_rng_state() if not is_loading else None)
@@ -221,7 +223,9 @@ def load(
                 "load the weights only"
             )
         optim_fix.ensure_state_initialized(optimizer)
-    sd = _state_dict(chunks, optimizer, scheduler, {}, {}, is_loading=True, with_rng=same_layout)
+    # RNG only with the full training state (a weights-only load keeps this run's seeding).
+    with_rng = same_layout and optimizer is not None and "rng_state" in common.get("contents", ["rng_state"])
+    sd = _state_dict(chunks, optimizer, scheduler, {}, {}, is_loading=True, with_rng=with_rng)
     sd.pop("train_state")
     sd.pop("layout")
     sd.pop("format_version")
@@ -242,6 +246,6 @@ def load(
         optim_fix.load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(common["scheduler"])
-    if same_layout and loaded.get("rng_state") is not None:
+    if with_rng and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
     return dict(common.get("train_state", {}))

@@ -335,7 +335,8 @@ def test_layout_functions_are_inverse():
     assert torch.equal(g1[5 * d:], v[d:])
     assert all(torch.equal(a, b) for a, b in zip(hf.deinterleave_qkv(qkv, nq, ng, d), (q, k, v)))
     bias = [torch.randn(nq * d), torch.randn(ng * d), torch.randn(ng * d)]
-    assert all(torch.equal(a, b) for a, b in zip(hf.deinterleave_qkv(hf.interleave_qkv(*bias, nq, ng, d), nq, ng, d), bias))
+    merged = hf.interleave_qkv(*bias, nq, ng, d)
+    assert all(torch.equal(a, b) for a, b in zip(hf.deinterleave_qkv(merged, nq, ng, d), bias))
     gate, up = torch.randn(10, h), torch.randn(10, h)
     assert all(torch.equal(a, b) for a, b in zip(hf.split_gate_up(hf.merge_gate_up(gate, up)), (gate, up)))
     w = torch.randn(5, h)
@@ -402,7 +403,8 @@ def test_missing_tensor_is_named(hf_models, tmp_path):
 
     d = _copy_hf(hf_models["llama"].dir, tmp_path / "hf")
     _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
-    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.down_proj\.weight'.*model\.safetensors"):
+    name = r"missing tensor 'model\.layers\.1\.mlp\.down_proj\.weight'"
+    with pytest.raises(ValueError, match=name + r".*model\.safetensors"):
         hf_to_mcore(d, tmp_path / "out")
 
 
@@ -422,7 +424,8 @@ def test_shape_mismatch_is_named(hf_models, tmp_path):
 
     d = _copy_hf(hf_models["llama"].dir, tmp_path / "hf")
     _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(48, 64)}))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*model\.safetensors.*shape \[48, 64\]"):
+    name = r"model\.layers\.0\.self_attn\.k_proj\.weight"
+    with pytest.raises(ValueError, match=name + r".*model\.safetensors.*shape \[48, 64\]"):
         hf_to_mcore(d, tmp_path / "out")
 
 
@@ -466,4 +469,5 @@ def test_qwen2_sliding_window_names_the_field(hf_models):
 def test_report_max_diffs():
     """Summary line (run last in this module): the parity numbers per layout."""
     if MAX_DIFFS:
-        print("\nmax abs logit diff vs HF: " + ", ".join(f"{m}/{l}: {d:.2e}" for (m, l), d in sorted(MAX_DIFFS.items())))
+        items = sorted(MAX_DIFFS.items())
+        print("\nmax abs logit diff vs HF: " + ", ".join(f"{m}/{lay}: {d:.2e}" for (m, lay), d in items))

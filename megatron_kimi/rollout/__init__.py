@@ -1,0 +1,14 @@
+"""Built-in rollout engine: continuous-batching generation on the Megatron model (same weights, TP-aware).
+
+See :mod:`megatron_kimi.rollout.engine`.
+"""
+
+from megatron_kimi.rollout.engine import (
+    EngineStats,
+    GenerationEngine,
+    GenerationRequest,
+    GenerationResult,
+)
+from megatron_kimi.rollout.sampling import SamplingParams
+
+__all__ = ["EngineStats", "GenerationEngine", "GenerationRequest", "GenerationResult", "SamplingParams"]
