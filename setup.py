@@ -24,6 +24,7 @@ core = [
     "einops",
     "packaging",
     "matplotlib",  # the RL run's PNG plot
+    "math-verify>=0.9,<0.10",  # the math reward's verifier (megatron_kimi/rl/rewards.py)
 ]
 
 packages = find_packages(include=["megatron_kimi", "megatron_kimi.*"])

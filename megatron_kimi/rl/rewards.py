@@ -34,7 +34,6 @@ import functools
 import importlib
 import math
 import multiprocessing
-import os
 import re
 import threading
 import time
@@ -201,13 +200,13 @@ def _math_score_one(response: str, answer: Optional[str], parse_timeout: int,
 
         cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
         pred_str = extract_final_answer(response)
-        info["extracted"] = pred_str
+        info["extracted"] = pred_str if pred_str is None else pred_str[:200]
         if pred_str is None:
             return False, info
         gold = parse(_as_latex(str(answer)), extraction_config=cfg, parsing_timeout=parse_timeout)
         pred = parse(_as_latex(pred_str), extraction_config=cfg, parsing_timeout=parse_timeout)
-        info["gold"] = [str(g) for g in gold][:2]
-        info["pred"] = [str(p) for p in pred][:2]
+        info["gold"] = [str(g)[:200] for g in gold[:2]]
+        info["pred"] = [str(p)[:200] for p in pred[:2]]
         if not gold:
             # unparseable reference: fall back to a whitespace-insensitive string match
             ok = re.sub(r"\s+", "", str(answer)) == re.sub(r"\s+", "", pred_str)
@@ -237,15 +236,17 @@ class _MathPool:
         self._lock = threading.Lock()
 
     def get(self, workers: int):
+        """(pool, fresh): ``fresh`` when it was just created (its workers still import math-verify)."""
         with self._lock:
-            if self._pool is None or self._n != workers:
+            fresh = self._pool is None or self._n != workers
+            if fresh:
                 self._close_locked()
                 method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
                 ctx = multiprocessing.get_context(method)
                 self._pool = ctx.Pool(processes=workers, initializer=_math_worker_init,
                                       maxtasksperchild=2000)
                 self._n = workers
-            return self._pool
+            return self._pool, fresh
 
     def discard(self) -> None:
         """Terminate the pool (after a timeout a worker may be wedged); the next call makes a new one."""
@@ -271,13 +272,14 @@ def shutdown_math_pool() -> None:
 
 
 @register_reward("math")
-def math_reward(samples: Sequence[RewardInput], *, workers: int = 2, timeout_s: float = 20.0,
-                parse_timeout: int = 5, verify_timeout: int = 5,
+def math_reward(samples: Sequence[RewardInput], *, workers: int = 2, timeout_s: float = 15.0,
+                parse_timeout: int = 3, verify_timeout: int = 3,
                 in_process: Optional[bool] = None) -> List[RewardOutput]:
     """1/0 by math-verify equivalence of the final answer to ``answer`` (see the module doc).
 
     ``timeout_s`` bounds each item (beyond math-verify's own ``parse_timeout``/``verify_timeout``);
-    items still unscored at the batch deadline (``timeout_s`` × ceil(n / workers) + 10 s start-up)
+    items still unscored at the batch deadline (``timeout_s`` × ceil(n / workers), + 30 s when the
+    pool was just started)
     score 0 with ``info["error"] = "timeout"`` and the pool is replaced.  ``in_process=True`` scores
     in the calling thread (must be the main thread); ``None`` = the pool.
     """
@@ -291,10 +293,11 @@ def math_reward(samples: Sequence[RewardInput], *, workers: int = 2, timeout_s: 
         for i, s in enumerate(samples):
             results[i] = _math_score_one(s.response, s.answer, parse_timeout, verify_timeout)
     else:
-        pool = _MATH_POOL.get(max(1, workers))
+        pool, fresh = _MATH_POOL.get(max(1, workers))
         pending = [pool.apply_async(_math_score_one, (s.response, s.answer, parse_timeout, verify_timeout))
                    for s in samples]
-        deadline = time.monotonic() + timeout_s * math.ceil(n / max(1, workers)) + 10.0
+        deadline = (time.monotonic() + timeout_s * math.ceil(n / max(1, workers))
+                    + (30.0 if fresh else 0.0))
         timed_out = False
         for i, ar in enumerate(pending):
             try:

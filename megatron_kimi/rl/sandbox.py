@@ -10,7 +10,7 @@ How a run is built
 ``parent (trainer) --Popen(start_new_session)--> [wrapper] --> bootstrap (python -I -S -c ...)
 --fork--> program``.  The *wrapper* creates namespaces (``bwrap`` or ``unshare``; none in the
 ``"none"`` backend).  The *bootstrap* is a small Python script (passed with ``-c``; no file the
-program could tamper with) that finishes the setup as root, forks, and in the child sets the
+program could tamper with) that finishes the setup (as root when the trainer is root), forks, and in the child sets the
 rlimits, drops privileges and ``execve``\\ s the program; the parent half waits for the program and
 reports its wait status and CPU time through a pipe that the program never holds (close-on-exec).
 No ``preexec_fn`` is used, so calling from threads is safe.
@@ -31,6 +31,10 @@ variable ``MEGATRON_KIMI_SANDBOX_BACKEND`` or the ``backend=`` argument can forc
     nodes like ``/dev/null`` stay usable), then mounts a size-limited tmpfs on the work directory.
 ``"none"``: no namespaces (documented best effort, see below).
 
+The interpreter is the first of ``$MEGATRON_KIMI_SANDBOX_PYTHON``, the trainer's own python,
+``/usr/bin/python3``, ``/usr/local/bin/python3`` that the sandbox uid can execute (as root, a pyenv
+under the 0700 ``/root`` is skipped); with ``-S`` only its standard library is importable.
+
 Enforced in every backend
 -------------------------
 * Fresh private directory per run (``tempfile.mkdtemp``), used as cwd, ``HOME`` and ``TMPDIR``;
@@ -42,8 +46,8 @@ Enforced in every backend
 * rlimits on the program: ``RLIMIT_CPU`` (soft ``cpu_s``, hard ``cpu_s + 1``: SIGXCPU then
   SIGKILL), ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_NPROC`` (``max_procs``), ``RLIMIT_FSIZE``
   (``max_file_mb``), ``RLIMIT_NOFILE`` (``max_open_files``), ``RLIMIT_CORE = 0``.
-* New session and process group (``start_new_session=True``); the wall timeout ``timeout_s`` kills
-  the whole group with ``killpg(SIGKILL)``; output beyond ``max_output_bytes`` per stream kills it
+* New session and process group (``start_new_session=True``); the wall timeout ``timeout_s``
+  (counted from the spawn, so it includes the ~0.1 s sandbox start-up) kills the whole group with ``killpg(SIGKILL)``; output beyond ``max_output_bytes`` per stream kills it
   too (``killed_reason="output_limit"``).
 * As root: the program runs as an **unprivileged uid/gid with no supplementary groups** and
   ``PR_SET_NO_NEW_PRIVS`` (setuid binaries cannot regain root).  ``RLIMIT_NPROC`` does not apply to
@@ -60,7 +64,8 @@ Enforced in every backend
   child subreaper (``PR_SET_CHILD_SUBREAPER``: orphans, even after ``setsid``, become its children)
   and, after the program exits, a helper running as the leased uid does ``kill(-1, SIGKILL)`` (every
   process of that uid at once, so escaped children cannot out-fork it), then the bootstrap reaps
-  them; after a wall timeout the trainer runs the same ``kill(-1)`` helper.
+  them.  On a wall timeout the trainer first kills the program (the same ``kill(-1)`` helper as root,
+  else the program's process group) so that the subreaper can sweep, then the whole session.
 
 Best effort / not enforced
 --------------------------
@@ -69,9 +74,8 @@ Best effort / not enforced
   are writable and the directory is not size-limited, only per-file ``RLIMIT_FSIZE`` and the wall
   time bound it).  As a non-root user without namespaces there is no uid drop: the program can
   write wherever the user can, ``RLIMIT_NPROC`` is set to (the user's current task count +
-  ``max_procs``), and leftover processes are found through the subreaper (a process that escapes
-  both the process group and the subreaper, e.g. after the bootstrap was killed by the wall
-  timeout, can survive).
+  ``max_procs``), and leftover processes are found through the subreaper only (one that escapes
+  both the process group and the subreaper's 2 s sweep can survive).
 * Reading: the program can read whatever is world-readable on the host (bwrap and unshare expose
   the host filesystem read-only; nothing secret should be world-readable).
 * Memory: ``RLIMIT_AS`` limits address space per process, not the sum over ``max_procs``
@@ -550,7 +554,7 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
     is_root = os.geteuid() == 0
     python = _pick_python(drop_uid=is_root)
     mech: list[str] = [f"backend:{backend}", "tmpdir", "env-scrubbed", "python-isolated(-I -S)",
-                       "new-session", "killpg-on-timeout"]
+                       f"python:{python}", "new-session", "killpg-on-timeout"]
     uid = gid = None
     exclusive = False
     if is_root:
@@ -721,7 +725,10 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
             elif sig == signal.SIGXFSZ:
                 killed_reason = "file_size_limit"
             elif sig is not None:
-                killed_reason = f"signal:{signal.Signals(sig).name}"
+                try:
+                    killed_reason = f"signal:{signal.Signals(sig).name}"
+                except ValueError:
+                    killed_reason = f"signal:{sig}"
             elif exit_code not in (0, None) and "MemoryError" in stderr[-4000:]:
                 killed_reason = "memory_limit"
         return SandboxResult(

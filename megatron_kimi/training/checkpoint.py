@@ -124,8 +124,6 @@ def _state_dict(chunks, optimizer, scheduler, train_state: dict, extra: dict, is
     sd["layout"] = layout()
     sd["format_version"] = FORMAT_VERSION
     sd["contents"] = [k for k in ("model", "optimizer", "scheduler") if k in sd or (k == "model" and chunks)]
-    if with_rng:
-        sd["contents"].append("rng_state")
     sd.update(extra)
     if with_rng:
         sd["rng_state"] = _rng_sharded_object(_rng_state() if not is_loading else None)
@@ -224,7 +222,7 @@ def load(
             )
         optim_fix.ensure_state_initialized(optimizer)
     # RNG only with the full training state (a weights-only load keeps this run's seeding).
-    with_rng = same_layout and optimizer is not None and "rng_state" in common.get("contents", ["rng_state"])
+    with_rng = same_layout and optimizer is not None
     sd = _state_dict(chunks, optimizer, scheduler, {}, {}, is_loading=True, with_rng=with_rng)
     sd.pop("train_state")
     sd.pop("layout")
