@@ -38,10 +38,28 @@ def causal_attention_bhsd(q_BHSD, k_BHSD, v_BHSD, scale, dropout_p=0.0) -> torch
     )
 
 
-def varlen_attention_thd_ref(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scale, dropout_p=0.0):
-    """Packed causal attention, one SDPA per sample: [t, h, d] -> [t, h, d]."""
-    out = torch.zeros_like(q_THD)  # tokens past the last bound (if any) get no attention output
+def varlen_attention_thd_ref(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scale, dropout_p=0.0,
+                             mask_max_tokens: int = 4096):
+    """Packed causal attention: [t, h, d] -> [t, h, d]; no token attends across cu_seqlens bounds.
+
+    Up to ``mask_max_tokens`` one SDPA call with a block-diagonal causal mask (fast for many short
+    samples); beyond, one SDPA per sample (memory stays O(longest sample^2)).
+    """
+    T = q_THD.shape[0]
     bounds = cu_seqlens.tolist()
+    if T <= mask_max_tokens:
+        lengths = torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])], device=q_THD.device)
+        seg = torch.repeat_interleave(torch.arange(len(lengths), device=q_THD.device), lengths)
+        if seg.numel() < T:  # tokens past the last bound form their own segment
+            seg = torch.cat([seg, torch.full((T - seg.numel(),), len(lengths), device=q_THD.device)])
+        causal = torch.ones(T, T, dtype=torch.bool, device=q_THD.device).tril_()
+        mask = causal & (seg[:, None] == seg[None, :])
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q_THD, k_THD, v_THD))
+        n_rep = q.shape[1] // k.shape[1]
+        k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+        return o.squeeze(0).transpose(0, 1)
+    out = torch.zeros_like(q_THD)  # tokens past the last bound (if any) get no attention output
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end <= start:
             continue
