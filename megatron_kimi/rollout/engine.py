@@ -110,15 +110,18 @@ class GenerationEngine:
         vocab_size: if set, logits of padded vocab rows (>= vocab_size) are masked out for sampling
             and logprobs (then the trainer must mask them too); default: use the padded vocab as is.
         sync_tp: broadcast the sampled tokens from TP rank 0 (a safety net; sampling is deterministic).
+        decode_attention: "auto" (CPU: "bmm", two batched matmuls over the cache; GPU: "sdpa"),
+            "sdpa" or "bmm".
     """
 
     def __init__(self, model, *, max_batch_size: int = 64, max_seq_len: Optional[int] = None,
                  eos_token_id=None, decode: Optional[Callable[[List[int]], str]] = None,
-                 max_prefill_tokens: int = 8192, vocab_size: Optional[int] = None, sync_tp: bool = True):
+                 max_prefill_tokens: int = 8192, vocab_size: Optional[int] = None, sync_tp: bool = True,
+                 decode_attention: str = "auto"):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
-        self.runner = MegatronRunner(model, max_seq_len)
+        self.runner = MegatronRunner(model, max_seq_len, decode_attention)
         self.max_batch_size = int(max_batch_size)
         self.max_seq_len = self.runner.max_seq_len
         if eos_token_id is None:
@@ -167,7 +170,13 @@ class GenerationEngine:
         seeds = [r.params.seed for r in requests]
         missing = [i for i, s in enumerate(seeds) if s is None]
         if missing:
-            drawn = torch.randint(0, 2**62, (len(missing),), dtype=torch.long)
+            # torch's default generator (seeded alike on every data-parallel rank by the trainer):
+            # offset by the DP rank so that DP replicas do not sample the same continuations.
+            dp = (parallel_state.get_data_parallel_rank()
+                  if parallel_state.model_parallel_is_initialized() else 0)
+            drawn = [(s + dp * 0x9E3779B97F4A7C1) % 2**62
+                     for s in torch.randint(0, 2**62, (len(missing),), dtype=torch.long).tolist()]
+            drawn = torch.tensor(drawn, dtype=torch.long)
             if self.runner.tp > 1:
                 drawn = drawn.to(self.runner.device)
                 dist.broadcast(drawn, parallel_state.get_tensor_model_parallel_src_rank(),
@@ -267,12 +276,24 @@ class GenerationEngine:
             p = s.params
             if tok in s.stops:
                 s.finish = "stop"
-            elif p.stop_strings and any(x in self.decode_fn(s.out) for x in p.stop_strings):
+            elif p.stop_strings and self._hit_stop_string(s.out, p.stop_strings):
                 s.finish = "stop"
             elif s.detector is not None and s.detector.update(tok):
                 s.finish = "repeat"
             elif len(s.out) >= s.limit:
                 s.finish = "length"
+
+    def _hit_stop_string(self, out: List[int], stop_strings: Sequence[str]) -> bool:
+        """Does the decoded response contain a stop string? Only a tail window is decoded: a stop
+        string not there now ended before this token and was caught then (assumes tokens decode to
+        >= 1 character on average over the window; the window is 2x the longest stop string + 8)."""
+        window = 2 * max(len(x) for x in stop_strings) + 8
+        text = self.decode_fn(out[-window:])
+        return any(x in text for x in stop_strings)
+
+    def free_cache(self) -> None:
+        """Release the KV cache (e.g. before a training step); the next ``generate`` reallocates it."""
+        self.cache = None
 
     def _retire(self, active: List[_Seq], results: List, cache: SlotKVCache) -> None:
         """Remove finished sequences; keep the rest compacted in slots 0..B'-1."""

@@ -14,10 +14,14 @@ Megatron's ``SelfAttention`` / ``MLP`` / ``TransformerLayer`` / ``GPTModel`` (Ro
 tests check it against the trainer's forward.
 
 Tensor parallelism: each TP rank holds its local heads / FFN columns / vocab rows. Megatron's local
-``ColumnParallelLinear`` / ``RowParallelLinear`` are applied as ``F.linear`` on the local weight
+``ColumnParallelLinear`` / ``RowParallelLinear`` are applied as a plain GEMM with the local weight
 (row-parallel outputs all-reduced over the TP group, then the bias added, as Megatron does); any
 other linear module (Transformer Engine's) is called as a module. Vocab-parallel logits are gathered
 to the full (padded) vocabulary. Pipeline and context parallelism are not supported.
+
+CPU hot-loop choices (both exact up to fp32 rounding; tests cover the alternatives too): GEMMs of a
+few rows as ``W @ x.T`` (see ``small_rows``), and decode attention as two batched matmuls over the
+cache views (``decode_attention="bmm"``; SDPA on GPU).
 
 Token layout: the runner works on flat token rows ``[T, hidden]`` (no sequence/batch split).
 """
@@ -36,6 +40,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 
+from megatron_kimi.model.norm import RMSNorm
 from megatron_kimi.rollout.kv_cache import SlotKVCache
 
 
@@ -54,14 +59,17 @@ def unwrap_gpt_model(model) -> GPTModel:
     return m
 
 
-def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
-    """Megatron's unfused non-interleaved RoPE: t * cos + rotate_half(t) * sin on the first ``rot`` dims."""
+def _rope(t: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, rot: int) -> torch.Tensor:
+    """Megatron's unfused non-interleaved RoPE on the first ``rot`` dims: t * cos + rotate_half(t) * sin.
+
+    rotate_half(t) * sin = cat(-x2, x1) * cat(s, s) = roll(t, rot/2) * cat(-s, s) (``sin_signed``),
+    bit for bit (a sign flip is exact), with one op fewer.
+    """
     if rot < t.shape[-1]:
         t, t_pass = t[..., :rot], t[..., rot:]
     else:
         t_pass = None
-    x1, x2 = torch.chunk(t, 2, dim=-1)
-    out = (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+    out = (t * cos) + (torch.roll(t, rot // 2, dims=-1) * sin_signed)
     return out if t_pass is None else torch.cat((out, t_pass), dim=-1)
 
 
@@ -87,7 +95,9 @@ class _Layer:
 class MegatronRunner:
     """Prefill / decode forwards of one GPTModel over a :class:`SlotKVCache`."""
 
-    def __init__(self, model, max_seq_len: Optional[int] = None):
+    def __init__(self, model, max_seq_len: Optional[int] = None, decode_attention: str = "auto"):
+        if decode_attention not in ("auto", "sdpa", "bmm"):
+            raise ValueError(f"decode_attention must be auto|sdpa|bmm, got {decode_attention!r}")
         gpt = unwrap_gpt_model(model)
         cfg = gpt.config
         pp = parallel_state.get_pipeline_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
@@ -130,8 +140,20 @@ class MegatronRunner:
         self.padded_vocab_size = self.vocab_size * self.tp
         self.position_embeddings = gpt.embedding.position_embeddings if gpt.position_embedding_type == "learned_absolute" else None
         self.max_seq_len = int(max_seq_len or gpt.max_sequence_length)
+        if self.position_embeddings is not None and self.max_seq_len > gpt.max_sequence_length:
+            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the learned position embeddings "
+                             f"({gpt.max_sequence_length})")
         self.dtype = emb.weight.dtype
         self.device = emb.weight.device
+        # Decode attention: on the CPU two batched matmuls over the cache views beat the SDPA kernel
+        # for a handful of query rows per KV head; elsewhere SDPA (flash / memory-efficient kernels).
+        if decode_attention == "auto":
+            decode_attention = "bmm" if self.device.type == "cpu" else "sdpa"
+        self.decode_attention = decode_attention
+        # CPU GEMM with few rows: ``W @ x.T`` streams the [out, in] weight as it lies, while
+        # ``x @ W.T`` (F.linear) repacks it on every call -- up to 2x slower for the handful of rows of
+        # a decode step. Same weights, same dot products (only the blocking / rounding may differ).
+        self.small_rows = 64 if self.device.type == "cpu" else 0
 
         act = cfg.activation_func
         gated = cfg.gated_linear_unit
@@ -165,7 +187,11 @@ class MegatronRunner:
                 freqs = gpt.rotary_pos_emb.get_emb(self.max_seq_len)[:, 0, 0, :].to(self.device)
             self.rot = freqs.shape[-1]
             self.cos = torch.cos(freqs).to(self.dtype)
-            self.sin = torch.sin(freqs).to(self.dtype)
+            sin = torch.sin(freqs).to(self.dtype)
+            half = self.rot // 2
+            if not torch.equal(sin[:, :half], sin[:, half:]):
+                raise NotImplementedError("generation expects non-interleaved RoPE (cos/sin = cat(f, f))")
+            self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # signed for _rope
 
     # ------------------------------------------------------------------ building blocks
 
@@ -179,19 +205,33 @@ class MegatronRunner:
             dist.all_reduce(x, group=self.tp_group)
         return x
 
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [T, in] @ weight[out, in].T -> [T, out] (possibly a transposed view, see small_rows)."""
+        if x.shape[0] <= self.small_rows:
+            return torch.mm(weight, x.t()).t()
+        return F.linear(x, weight)
+
     def _linear(self, mod, x: torch.Tensor) -> torch.Tensor:
         if isinstance(mod, ColumnParallelLinear):
-            y = F.linear(x, mod.weight)
+            y = self._matmul(x, mod.weight)
             return y if mod.bias is None else y + mod.bias
         if isinstance(mod, RowParallelLinear):
-            y = self._all_reduce(F.linear(x, mod.weight))
+            y = self._matmul(x, mod.weight)
+            if self.tp > 1:
+                y = self._all_reduce(y.contiguous())
             return y if mod.bias is None else y + mod.bias
         y, bias = mod(x.unsqueeze(1))  # any other Megatron linear (TE): [s, b=1, h]
         y = y.squeeze(1)
         return y if bias is None else y + bias
 
+    def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
+        """Our RMSNorm module's arithmetic in one fused op for fp32 (same result), else the module."""
+        if type(norm) is RMSNorm and x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+            return torch.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+        return norm(x)
+
     def _qkv(self, lay: _Layer, x: torch.Tensor):
-        mixed = self._linear(lay.linear_qkv, lay.input_layernorm(x))
+        mixed = self._linear(lay.linear_qkv, self._norm(lay.input_layernorm, x))
         return mixed.view(x.shape[0], self.groups, self.per + 2, self.head_dim)
 
     def _qk_rope(self, qkv: torch.Tensor, cos, sin) -> torch.Tensor:
@@ -203,7 +243,7 @@ class MegatronRunner:
 
     def _mlp_block(self, lay: _Layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         x = x + self._linear(lay.linear_proj, attn_out)
-        h = self._mlp_act(self._linear(lay.linear_fc1, lay.pre_mlp_layernorm(x)))
+        h = self._mlp_act(self._linear(lay.linear_fc1, self._norm(lay.pre_mlp_layernorm, x)))
         return x + self._linear(lay.linear_fc2, h)
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -220,17 +260,17 @@ class MegatronRunner:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + output layer for rows ``x`` [N, h] -> full (padded) vocab logits [N, V]."""
-        x = self.final_layernorm(x)
+        x = self._norm(self.final_layernorm, x)
         out = self.gpt.output_layer
         if isinstance(out, ColumnParallelLinear):
-            y = F.linear(x, self.output_weight())
+            y = self._matmul(x, self.output_weight()).contiguous()
             if out.bias is not None:
                 y = y + out.bias
         else:
             y, bias = out(x.unsqueeze(1), weight=self.output_weight() if self.gpt.share_embeddings_and_output_weights else None)
             y = y.squeeze(1) if bias is None else (y + bias).squeeze(1)
         if self.tp > 1:
-            y = gather_from_tensor_model_parallel_region(y)
+            y = gather_from_tensor_model_parallel_region(y.contiguous())
         return y
 
     # ------------------------------------------------------------------ cache
@@ -293,7 +333,13 @@ class MegatronRunner:
         B = tokens.shape[0]
         dev = self.device
         L = max_len
-        mask = (torch.arange(L, device=dev)[None, :] <= positions[:, None]).view(B, 1, 1, L)
+        G = B * self.groups
+        visible = torch.arange(L, device=dev)[None, :] <= positions[:, None]  # [B, L]
+        if self.decode_attention == "sdpa":
+            mask = visible.view(B, 1, 1, L)
+        else:  # additive mask [B*g, 1, L], built once per step
+            mask = torch.zeros(B, L, dtype=self.dtype, device=dev).masked_fill_(~visible, float("-inf"))
+            mask = mask.view(B, 1, 1, L).expand(B, self.groups, 1, L).reshape(G, 1, L)
         cos = sin = None
         if self.rot:
             cos = self.cos[positions].view(B, 1, 1, self.rot)
@@ -308,7 +354,12 @@ class MegatronRunner:
             kc[rows, :, positions] = qk[:, :, per]
             vc[rows, :, positions] = qkv[:, :, per + 1]
             # The q heads of a group attend to that group's k/v: [B, g, per, d] x [B, g, L, d].
-            o = F.scaled_dot_product_attention(qk[:, :, :per], kc[:B, :, :L], vc[:B, :, :L],
-                                               attn_mask=mask, scale=self.scale)
+            if self.decode_attention == "sdpa":
+                o = F.scaled_dot_product_attention(qk[:, :, :per], kc[:B, :, :L], vc[:B, :, :L],
+                                                   attn_mask=mask, scale=self.scale)
+            else:  # cache views [B*g, L, d] (slots and heads merge into one batch stride: no copy)
+                scores = torch.baddbmm(mask, qk[:, :, :per].reshape(G, per, d),
+                                       kc[:B, :, :L].reshape(G, L, d).transpose(1, 2), alpha=self.scale)
+                o = torch.bmm(torch.softmax(scores, dim=-1), vc[:B, :, :L].reshape(G, L, d))
             x = self._mlp_block(lay, x, o.reshape(B, self.heads * d))
         return self.logits(x)

@@ -152,6 +152,11 @@ def engine_job(rank, world_size, tp, with_reference=True, with_pp_check=False):
         out["greedy"] = _pack(greedy)
         out["stats"]["greedy"] = vars(engine.stats).copy()
         out["train_mode_restored"] = model.training
+        # the other CPU code paths: SDPA decode attention and F.linear GEMMs (auto: bmm / W @ x.T)
+        alt = GenerationEngine(chunks, max_batch_size=MAX_BATCH, max_seq_len=64, decode_attention="sdpa")
+        alt.runner.small_rows = 0
+        out["greedy_alt"] = _pack(alt.generate(_requests(lambda i: SamplingParams(temperature=0.0,
+                                                                                  max_new_tokens=MAX_NEW[i]))))
         # the cache is allocated once and reused
         cache_id = id(engine.cache.k)
 
@@ -185,6 +190,7 @@ def engine_job(rank, world_size, tp, with_reference=True, with_pp_check=False):
             GenerationRequest("str", P[0], SamplingParams(temperature=0.0, max_new_tokens=20,
                                                           stop_strings=[letters(g0[2:4])])),
             GenerationRequest("zero", P[4], SamplingParams(max_new_tokens=0)),
+            GenerationRequest("one", P[5], SamplingParams(temperature=0.0, max_new_tokens=1)),
             GenerationRequest("cap", P[3], SamplingParams(temperature=0.0, max_new_tokens=1000)),
         ]
         out["finish"] = _pack(engine.generate(reqs))
@@ -216,6 +222,15 @@ def engine_job(rank, world_size, tp, with_reference=True, with_pp_check=False):
             out["ref_greedy_lp"] = reference_logprobs(chunks, P, [r.output_ids for r in greedy])
             out["ref_sampled_lp"] = reference_logprobs(chunks, P, [r.output_ids for r in sampled])
             out["ref_masked_lp"] = reference_logprobs(chunks, P, [r["out"] for r in out["masked"]], vocab_size=100)
+
+        # the trainer's wrapped model chunks (Megatron DDP) work as they are
+        from megatron_kimi.model.builder import transformer_config, wrap_for_training
+
+        wrapped = wrap_for_training(chunks, transformer_config(cfg.model, cfg.parallel, cfg.precision),
+                                    cfg.parallel, cfg.precision)
+        ddp_engine = GenerationEngine(wrapped, max_batch_size=MAX_BATCH, max_seq_len=64)
+        out["ddp"] = _pack(ddp_engine.generate(_requests(lambda i: SamplingParams(temperature=0.0,
+                                                                                   max_new_tokens=MAX_NEW[i]))))
 
         if tp == 1:
             # tied embedding / output weight + q/k/v biases (nonzero), 2 slots

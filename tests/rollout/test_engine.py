@@ -55,6 +55,9 @@ def test_greedy_equals_stepwise_full_forward(job, request):
     assert [len(o) for o in _outs(res["greedy"])] == MAX_NEW
     assert all(r["finish"] == "length" for r in res["greedy"])
     assert len({t for o in _outs(res["greedy"]) for t in o}) > 20  # not a degenerate model
+    assert _outs(res["ddp"]) == res["ref_greedy"]  # the trainer's DDP-wrapped chunks
+    assert _outs(res["greedy_alt"]) == res["ref_greedy"]  # SDPA decode attention, F.linear GEMMs
+    assert _max_lp_diff(res["greedy_alt"], res["ref_greedy_lp"]) <= TOL
 
 
 def test_continuous_batching_is_exercised(tp1):
@@ -152,6 +155,7 @@ def test_finish_reasons(tp1):
     k = next(k for k in range(1, len(g0) + 1) if target in bodies.letters(g0[:k]))
     assert f["str"]["finish"] == "stop" and f["str"]["out"] == g0[:k]
     assert f["zero"]["finish"] == "length" and f["zero"]["out"] == []
+    assert f["one"]["finish"] == "length" and f["one"]["out"] == tp1["greedy"][5]["out"][:1]  # leaves at prefill
     assert f["cap"]["finish"] == "length" and len(f["cap"]["out"]) == 64 - PROMPT_LENS[3]  # max_seq_len
     eos = tp1["eos"][0]
     assert eos["finish"] == "stop" and eos["out"] == g0[:first + 1]
@@ -189,3 +193,24 @@ def test_sampler_top_p_top_k_temperature():
     tok, lp, slp = sample_batch(logits[:2], [0.0, 1.0], [0, 2], [1.0, 1.0], [None, 0.99])
     assert tok.tolist() == [1, 3]
     assert slp[0] == 0.0 and abs(slp[1].item() - torch.log(torch.tensor(0.3 / 0.8)).item()) < 1e-6
+
+
+def test_sampler_candidate_path_equals_full_sort(monkeypatch):
+    """Truncated sampling over the top-c candidates == over a full stable sort (ties included)."""
+    import megatron_kimi.rollout.sampling as sampling
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 1000, generator=g) * 3
+    logits[:, 500:600] = logits[:, 10:11]  # a block of exact ties
+    logits[:5] = torch.round(logits[:5])  # rows full of ties
+    for _ in range(50):
+        us = torch.rand(32, generator=g).tolist()
+        ks = torch.randint(0, 30, (32,), generator=g).tolist()
+        ps = (torch.rand(32, generator=g) * 0.5 + 0.5).tolist()
+        ts = (torch.rand(32, generator=g) + 0.3).tolist()
+        monkeypatch.setattr(sampling, "_CANDIDATES", 64)
+        a = sampling.sample_batch(logits, ts, ks, ps, us)
+        monkeypatch.setattr(sampling, "_CANDIDATES", 10**9)
+        b = sampling.sample_batch(logits, ts, ks, ps, us)
+        assert torch.equal(a[0], b[0])
+        assert torch.allclose(a[2], b[2], atol=1e-6)
