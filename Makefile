@@ -17,9 +17,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-# Main job: the embedded tiny-model training run (prints the loss going down).
+# Main job: the embedded RL demo (SFT warm-up on synthetic arithmetic, then mirror-descent RL).
 demo: venv
-	$(PY) -m megatron_kimi train examples/tiny/train.yaml run_dir=runs/demo checkpoint.resume=false
+	PY=$(abspath $(PY)) bash slurm/rl.sh
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -35,7 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Import-time notices from Megatron-Core about optional GPU packages; KIMI_SHOW_WARNINGS=1 keeps them.
+_QUIET = (r".*(Transformer Engine|Apex) (is|are) not installed.*", r".*is deprecated.*", r".*cuda_graph_scope.*",
+          r".*torch\.jit.*")
+
+
+def _quiet_warnings() -> None:
+    import os
+    import warnings
+
+    if os.environ.get("KIMI_SHOW_WARNINGS") == "1":
+        return
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet_warnings()
     args = build_parser().parse_args(argv)
     schema, target, _ = COMMANDS[args.command]
     try:

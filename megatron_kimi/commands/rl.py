@@ -83,7 +83,7 @@ def make_rollout(cfg: RLConfig, engine: GenerationEngine, tokenizer, stop_ids: L
     return rollout
 
 
-def _plot(history: List[dict], path: Path) -> None:
+def _plot(history: List[dict], path: Path, before: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +97,7 @@ def _plot(history: List[dict], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    evals = [h for h in history if "eval_accuracy" in h]
+    evals = [{"iteration": 0, "eval_accuracy": before["accuracy"]}] + [h for h in history if "eval_accuracy" in h]
     if evals:
         axes[1].plot([h["iteration"] for h in evals], [h["eval_accuracy"] for h in evals], "o-", label="held-out (greedy)")
         axes[1].legend()
@@ -120,14 +120,11 @@ def run(cfg: RLConfig) -> int:
         bundle = build_training_bundle(cfg, len(tokenizer), total_steps=max(1, cfg.rl.iterations * cfg.rl.updates_per_iteration))
         trainer = Trainer(bundle, make_rl_forward_step(get_loss(cfg.rl.loss), cfg.rl.tau), cfg.training.seq_length,
                           micro_batch_size=1, loss_key="rl")
-        own = ckpt.resolve(run_dir / "checkpoints") if cfg.checkpoint.resume else None
-        start = own or (ckpt.resolve(cfg.checkpoint.load) if cfg.checkpoint.load else None)
-        if cfg.checkpoint.load and start is None:
-            raise ValueError(f"checkpoint.load={cfg.checkpoint.load!r}: no checkpoint there")
-        if start is not None:
-            trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer and own is not None)
+        start, resumed = ckpt.start_point(run_dir, cfg.checkpoint.resume, cfg.checkpoint.load)
+        if start is not None:  # a warm start (e.g. from SFT) loads the weights only
+            trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer and resumed)
         if ctx.is_rank0:  # resumed: keep what preceded the checkpoint; fresh or warm start: start over
-            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.iteration if own is not None else 0)
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.iteration if resumed else 0)
         stop_ids = sorted({tokenizer.eos_token_id} | ({tokenizer.convert_tokens_to_ids("<|end|>")}
                                                        if "<|end|>" in tokenizer.get_vocab() else set()))
         engine = GenerationEngine(unwrap(bundle.model[0]), max_batch_size=cfg.rollout.max_batch_size,
@@ -135,7 +132,7 @@ def run(cfg: RLConfig) -> int:
         rl_ctx = RLContext(cfg=cfg, trainer=trainer, rollout=make_rollout(cfg, engine, tokenizer, stop_ids),
                            pad_id=tokenizer.pad_token_id)
         summary_path = run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if (own is not None and summary_path.is_file()) else {}
+        summary = json.loads(summary_path.read_text()) if (resumed and summary_path.is_file()) else {}
         if "before" not in summary:
             summary["before"] = evaluate(rl_ctx, held)
         first = trainer.state.iteration
@@ -144,8 +141,8 @@ def run(cfg: RLConfig) -> int:
                                progress_initial=first)
         writer.print(f"rl: {len(train_prompts)} prompts, {len(held)} held-out; k={cfg.rl.k}, tau={cfg.rl.tau}; "
                      f"held-out accuracy before {summary['before']['accuracy']:.3f}"
-                     + (f"; resumed from {start} at iteration {first}" if own is not None else ""))
-        history = _read_history(run_dir / "metrics.jsonl") if own is not None else []
+                     + (f"; resumed from {start} at iteration {first}" if resumed else ""))
+        history = _read_history(run_dir / "metrics.jsonl") if resumed else []
         r = cfg.rl
         for it in range(first, r.iterations):
             rng = np.random.default_rng(cfg.training.seed * 7919 + it)
@@ -174,7 +171,7 @@ def run(cfg: RLConfig) -> int:
         if ctx.is_rank0:
             summary_path.write_text(json.dumps(summary, indent=1))
             if history:
-                _plot(history, run_dir / "rl_curves.png")
+                _plot(history, run_dir / "rl_curves.png", summary["before"])
             b, a = summary["before"], summary["after"]
             print(f"rl: held-out accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, mean response length "
                   f"{b['response_length']:.2f} -> {a['response_length']:.2f}; run dir {run_dir}", flush=True)

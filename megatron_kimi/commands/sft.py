@@ -71,18 +71,6 @@ def stage_optimizer(cfg: SFTConfig, stage: SFTStageConfig, steps: int):
                                decay_style=stage.decay_style, decay_steps=max(steps, stage.warmup_steps + 1))
 
 
-def _resume_point(cfg: SFTConfig) -> Path | None:
-    own = ckpt.resolve(Path(cfg.run_dir) / "checkpoints") if cfg.checkpoint.resume else None
-    if own is not None:
-        return own
-    if cfg.checkpoint.load:
-        found = ckpt.resolve(cfg.checkpoint.load)
-        if found is None:
-            raise ValueError(f"checkpoint.load={cfg.checkpoint.load!r}: no checkpoint there")
-        return found
-    return None
-
-
 def run(cfg: SFTConfig) -> int:
     ctx = initialize(cfg)
     try:
@@ -99,7 +87,7 @@ def run(cfg: SFTConfig) -> int:
         trainer = Trainer(bundle, lm_forward_step, cfg.stages[0].seq_length, micro_batch_size=1)
         run_dir = Path(cfg.run_dir)
 
-        start = _resume_point(cfg)
+        start, _ = ckpt.start_point(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.load)
         stage_idx = 0
         if start is not None:
             saved = ckpt.read_common(start).get("train_state", {})

@@ -40,18 +40,6 @@ def prepare_corpus(cfg: TrainConfig, is_rank0: bool):
     return tokenizer, corpus
 
 
-def resume_dir(cfg: TrainConfig) -> Path | None:
-    own = ckpt.resolve(Path(cfg.run_dir) / "checkpoints") if cfg.checkpoint.resume else None
-    if own is not None:
-        return own
-    if cfg.checkpoint.load:
-        found = ckpt.resolve(cfg.checkpoint.load)
-        if found is None:
-            raise ValueError(f"checkpoint.load={cfg.checkpoint.load!r}: no checkpoint there")
-        return found
-    return None
-
-
 def run(cfg: TrainConfig) -> int:
     ctx = initialize(cfg)
     try:
@@ -68,7 +56,7 @@ def run(cfg: TrainConfig) -> int:
         bundle = build_training_bundle(cfg, len(tokenizer), t.steps)
         run_dir = Path(cfg.run_dir)
         trainer = Trainer(bundle, lm_forward_step, t.seq_length, t.micro_batch_size)
-        start = resume_dir(cfg)
+        start, _ = ckpt.start_point(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.load)
         if start is not None:
             trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer)
         if ctx.is_rank0:  # a resumed run rewrites what followed its checkpoint; a fresh one starts over

@@ -67,6 +67,20 @@ def resolve(path: str | Path) -> Optional[Path]:
     return None
 
 
+def start_point(run_dir: str | Path, resume: bool, load: Optional[str]) -> tuple[Optional[Path], bool]:
+    """Where a run starts: (its own latest checkpoint, True) when resuming, else (``load``, False),
+    else (None, False). A ``load`` path without a checkpoint is an error naming it."""
+    own = resolve(Path(run_dir) / "checkpoints") if resume else None
+    if own is not None:
+        return own, True
+    if load:
+        found = resolve(load)
+        if found is None:
+            raise CheckpointError(f"checkpoint.load={load!r}: no checkpoint there")
+        return found, False
+    return None, False
+
+
 def _model_sharded_sd(chunks: List) -> Dict[str, Any]:
     chunks = [unwrap(c) for c in chunks]
     if len(chunks) == 1:
