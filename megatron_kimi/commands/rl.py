@@ -72,7 +72,7 @@ def make_rollout(cfg: RLConfig, engine: GenerationEngine, tokenizer, stop_ids: L
                 prompt_index=pi, prompt=prompts[pi], prompt_ids=ids[pi], response_ids=list(res.output_ids),
                 response=tokenizer.decode(res.output_ids, skip_special_tokens=True),
                 sampler_logprobs=list(res.logprobs), finish_reason=res.finish_reason,
-                entropy=getattr(res, "mean_entropy", None),
+                entropy=res.mean_entropy,
             ))
         gathered: list = [None] * dp
         dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())

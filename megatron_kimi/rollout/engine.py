@@ -57,6 +57,7 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length" | "repeat"
     sampling_logprobs: Optional[List[float]] = None  # under the sampled distribution; None if = logprobs
     seed: Optional[int] = None  # the seed used (drawn when the request had none)
+    mean_entropy: Optional[float] = None  # mean per-token entropy of the raw policy over the response
 
 
 @dataclass
@@ -76,7 +77,7 @@ class EngineStats:
 
 class _Seq:
     __slots__ = ("index", "req", "params", "prompt", "out", "logprobs", "slogprobs", "length", "rng",
-                 "detector", "stops", "limit", "seed", "next_token", "finish")
+                 "detector", "stops", "limit", "seed", "next_token", "finish", "entropy_sum")
 
     def __init__(self, index: int, req: GenerationRequest, seed: int, stops: frozenset, limit: int):
         self.index = index
@@ -86,6 +87,7 @@ class _Seq:
         self.out: List[int] = []
         self.logprobs: List[float] = []
         self.slogprobs: List[float] = []
+        self.entropy_sum = 0.0  # of the raw (temperature-1) distribution at each sampled position
         self.length = 0  # tokens whose K/V are in the cache
         self.seed = seed
         self.rng = random.Random(seed)
@@ -263,12 +265,15 @@ class GenerationEngine:
         tokens, logp, slogp = sample_batch(
             logits, [s.params.temperature for s in seqs], [s.params.top_k for s in seqs],
             [s.params.top_p for s in seqs], uniforms)
-        packed = torch.stack([tokens.double(), logp.double(), slogp.double()], dim=1)
+        lsm = torch.log_softmax(logits.float(), dim=-1)
+        entropy = -(lsm.exp() * lsm.masked_fill(torch.isinf(lsm), 0.0)).sum(-1)
+        packed = torch.stack([tokens.double(), logp.double(), slogp.double(), entropy.double()], dim=1)
         if self.runner.tp > 1 and self.sync_tp:
             dist.broadcast(packed, parallel_state.get_tensor_model_parallel_src_rank(), group=self.runner.tp_group)
         rows = packed.cpu().tolist()
-        for s, (tok, lp, slp) in zip(seqs, rows):
+        for s, (tok, lp, slp, ent) in zip(seqs, rows):
             tok = int(tok)
+            s.entropy_sum += ent
             s.out.append(tok)
             s.logprobs.append(lp)
             s.slogprobs.append(slp)
@@ -318,4 +323,5 @@ class GenerationEngine:
         raw = s.params.is_raw_policy
         return GenerationResult(request_id=s.req.request_id, prompt_ids=s.prompt, output_ids=s.out,
                                 logprobs=s.logprobs, finish_reason=reason,
-                                sampling_logprobs=None if raw else s.slogprobs, seed=s.seed)
+                                sampling_logprobs=None if raw else s.slogprobs, seed=s.seed,
+                                mean_entropy=s.entropy_sum / len(s.out) if s.out else None)

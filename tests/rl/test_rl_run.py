@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +35,8 @@ def test_rl_raises_the_reward_of_a_plugged_in_verifier(tmp_path):
                 "time_train_s", "rollout_tokens_per_s", "loss", "grad_norm"):
         assert key in recs[0], key
     assert max(r["logprob_mismatch"] for r in recs) < 1e-4  # sampler and trainer agree (fp32)
+    assert all(0.0 < r["entropy"] <= math.log(128) + 1e-6 for r in recs)  # raw policy over the padded vocab
+    assert recs[-1]["entropy"] < recs[0]["entropy"]  # the policy sharpens
     early = sum(r["reward"] for r in recs[:3]) / 3
     late = sum(r["reward"] for r in recs[-3:]) / 3
     assert late > early + 0.2, [round(r["reward"], 3) for r in recs]
