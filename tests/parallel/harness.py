@@ -47,8 +47,8 @@ def grads_as_shards(model):
             p.data = d
 
 
-def train_layout(rank, world_size, overrides, steps, run_dir, want_grads=True):
-    """Train ``steps`` steps at the layout given by ``overrides``; report losses, grads, params."""
+def setup_layout(overrides, run_dir, steps):
+    """Init this rank at the layout given by ``overrides``; returns (cfg, source, bundle, trainer)."""
     from megatron_kimi.platform import cpu_emulation
 
     cpu_emulation.activate()
@@ -58,20 +58,29 @@ def train_layout(rank, world_size, overrides, steps, run_dir, want_grads=True):
     from megatron_kimi.config import load_config
     from megatron_kimi.data.corpus import SequenceSampler
     from megatron_kimi.data.lm_source import LMBatchSource
-    from megatron_kimi.model.sharding import local_shards
     from megatron_kimi.training.lm_step import lm_forward_step
-    from megatron_kimi.training.runtime import build_training_bundle, initialize, shutdown
+    from megatron_kimi.training.runtime import build_training_bundle, initialize
     from megatron_kimi.training.trainer import Trainer
 
     cfg = load_config(None, BASE + list(overrides) + [f"run_dir={run_dir}", f"training.steps={steps}"])
     ctx = initialize(cfg)
+    tokenizer, corpus = prepare_corpus(cfg, ctx.is_rank0)
+    t = cfg.training
+    source = LMBatchSource(corpus, SequenceSampler(len(corpus), t.seed), t.global_batch_size,
+                           t.micro_batch_size, parallel_state.get_data_parallel_rank(), ctx.dp_size)
+    bundle = build_training_bundle(cfg, len(tokenizer), steps)
+    trainer = Trainer(bundle, lm_forward_step, t.seq_length, t.micro_batch_size)
+    return cfg, source, bundle, trainer
+
+
+def train_layout(rank, world_size, overrides, steps, run_dir, want_grads=True):
+    """Train ``steps`` steps at the layout given by ``overrides``; report losses, grads, params."""
+    from megatron_kimi.model.sharding import local_shards
+    from megatron_kimi.training.runtime import shutdown
+
+    cfg, source, bundle, trainer = setup_layout(overrides, run_dir, steps)
+    t = cfg.training
     try:
-        tokenizer, corpus = prepare_corpus(cfg, ctx.is_rank0)
-        t = cfg.training
-        source = LMBatchSource(corpus, SequenceSampler(len(corpus), t.seed), t.global_batch_size,
-                               t.micro_batch_size, parallel_state.get_data_parallel_rank(), ctx.dp_size)
-        bundle = build_training_bundle(cfg, len(tokenizer), steps)
-        trainer = Trainer(bundle, lm_forward_step, t.seq_length, t.micro_batch_size)
         records, grads = [], None
         for step in range(steps):
             t0 = time.perf_counter()

@@ -4,32 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tests.parallel.harness import BASE
-
-
-def _setup(overrides, run_dir, steps):
-    from megatron_kimi.platform import cpu_emulation
-
-    cpu_emulation.activate()
-    from megatron.core import parallel_state
-
-    from megatron_kimi.commands.train import prepare_corpus
-    from megatron_kimi.config import load_config
-    from megatron_kimi.data.corpus import SequenceSampler
-    from megatron_kimi.data.lm_source import LMBatchSource
-    from megatron_kimi.training.lm_step import lm_forward_step
-    from megatron_kimi.training.runtime import build_training_bundle, initialize
-    from megatron_kimi.training.trainer import Trainer
-
-    cfg = load_config(None, BASE + list(overrides) + [f"run_dir={run_dir}", f"training.steps={steps}"])
-    ctx = initialize(cfg)
-    tokenizer, corpus = prepare_corpus(cfg, ctx.is_rank0)
-    t = cfg.training
-    source = LMBatchSource(corpus, SequenceSampler(len(corpus), t.seed), t.global_batch_size,
-                           t.micro_batch_size, parallel_state.get_data_parallel_rank(), ctx.dp_size)
-    bundle = build_training_bundle(cfg, len(tokenizer), steps)
-    trainer = Trainer(bundle, lm_forward_step, t.seq_length, t.micro_batch_size)
-    return cfg, source, bundle, trainer
+from tests.parallel.harness import setup_layout
 
 
 def _probe_logits(bundle, source, seq_length):
@@ -47,7 +22,7 @@ def save_after_one_step(rank, world_size, overrides, run_dir, ckpt_root):
     """Train 1 step, save, report the logits and the loss of a 2nd step (from the same state)."""
     from megatron_kimi.training.runtime import shutdown
 
-    cfg, source, bundle, trainer = _setup(overrides, run_dir, 2)
+    cfg, source, bundle, trainer = setup_layout(overrides, run_dir, 2)
     try:
         trainer.train_step(source.microbatches(0))
         trainer.state.step, trainer.state.consumed_samples = 1, cfg.training.global_batch_size
@@ -63,7 +38,7 @@ def load_and_continue(rank, world_size, overrides, run_dir, ckpt_dir):
     """Load at this layout; report the logits and the loss of the next step."""
     from megatron_kimi.training.runtime import shutdown
 
-    cfg, source, bundle, trainer = _setup(overrides, run_dir, 2)
+    cfg, source, bundle, trainer = setup_layout(overrides, run_dir, 2)
     try:
         trainer.load(ckpt_dir)
         assert trainer.state.step == 1 and trainer.state.consumed_samples == cfg.training.global_batch_size
@@ -76,7 +51,7 @@ def load_and_continue(rank, world_size, overrides, run_dir, ckpt_dir):
 
 def save_and_die_during_second_save(rank, world_size, run_dir, ckpt_root):
     """Save step 1 cleanly, then get killed half-way through the step-2 save."""
-    cfg, source, bundle, trainer = _setup([], run_dir, 2)
+    cfg, source, bundle, trainer = setup_layout([], run_dir, 2)
     trainer.train_step(source.microbatches(0))
     trainer.state.step = 1
     trainer.save(ckpt_root)
