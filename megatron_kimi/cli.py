@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides (run_dir=PATH, ...)")
+    pf = sub.add_parser("preflight", help="check a launch (config, layout vs world, GPUs); prints the run dir")
+    pf.add_argument("target", choices=sorted(COMMANDS), help="the command that will run")
+    pf.add_argument("config", help="YAML config file")
+    pf.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    pf.add_argument("--world", type=int, required=True, help="number of ranks the launch will start")
+    pf.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node (default: --world)")
+    pf.add_argument("--gpus-per-node", default=None, help="GPUs the job asked for per node (Slurm's value)")
     return parser
 
 
@@ -40,7 +47,7 @@ _QUIET = (r".*(Transformer Engine|Apex) (is|are) not installed.*", r".*is deprec
           r".*torch\.jit.*")
 
 
-def _quiet_warnings() -> None:
+def quiet_warnings() -> None:
     import os
     import warnings
 
@@ -52,9 +59,32 @@ def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _preflight(args) -> int:
+    from megatron_kimi.platform.preflight import LaunchShape, check_launch, parse_gpus
+
+    try:
+        gpus = parse_gpus(args.gpus_per_node)
+        visible = 0
+        if gpus:
+            import torch
+
+            visible = torch.cuda.device_count()
+        shape = LaunchShape(args.world, args.tasks_per_node or args.world, gpus, visible)
+        print(check_launch(COMMANDS[args.target][0], args.config, args.overrides, shape))
+    except ConfigError as e:
+        print(f"megatron-kimi {args.target}: launch error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    _quiet_warnings()
+    from megatron_kimi.platform import preemption
+
+    preemption.install()  # first: Slurm's SIGUSR1 may come at any time; default action would kill us
+    quiet_warnings()
     args = build_parser().parse_args(argv)
+    if args.command == "preflight":
+        return _preflight(args)
     schema, target, _ = COMMANDS[args.command]
     try:
         cfg = load_config(args.config, args.overrides, schema)

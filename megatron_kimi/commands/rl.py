@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron_kimi.config import RLConfig, to_dict
 from megatron_kimi.data.tokenizer import load_tokenizer
 from megatron_kimi.model.sharding import unwrap
+from megatron_kimi.platform import preemption
 from megatron_kimi.rl.batching import make_rl_forward_step
 from megatron_kimi.rl.data import arithmetic_prompts, load_prompts, prompt_token_ids
 from megatron_kimi.rl.loop import RLContext, evaluate, rl_iteration
@@ -137,7 +138,7 @@ def run(cfg: RLConfig) -> int:
             summary["before"] = evaluate(rl_ctx, held)
         first = trainer.state.iteration
         writer = MetricsWriter(run_dir, enabled=ctx.is_rank0, tensorboard=cfg.logging.tensorboard,
-                               progress_bar=cfg.logging.progress_bar, progress_total=cfg.rl.iterations,
+                               progress_bar=cfg.logging.progress_bar, log_interval=cfg.logging.log_interval, progress_total=cfg.rl.iterations,
                                progress_initial=first)
         writer.print(f"rl: {len(train_prompts)} prompts, {len(held)} held-out; k={cfg.rl.k}, tau={cfg.rl.tau}; "
                      f"held-out accuracy before {summary['before']['accuracy']:.3f}"
@@ -159,12 +160,17 @@ def run(cfg: RLConfig) -> int:
                               eval_response_length=summary["after"]["response_length"])
             writer.log(record, it + 1)
             history.append(record)
-            if (cfg.checkpoint.save_interval and (it + 1) % cfg.checkpoint.save_interval == 0) or (
+            stop = preemption.requested() and it + 1 < r.iterations
+            if stop or (cfg.checkpoint.save_interval and (it + 1) % cfg.checkpoint.save_interval == 0) or (
                 cfg.checkpoint.save_at_end and it + 1 == r.iterations
             ):
                 if ctx.is_rank0:
                     summary_path.write_text(json.dumps(summary, indent=1))
                 trainer.save(run_dir / "checkpoints", cfg.checkpoint.keep_last, extra={"config": to_dict(cfg)})
+            if stop:
+                writer.print(f"stopping after iteration {it + 1} (preemption requested); checkpoint saved")
+                writer.close()
+                return preemption.EXIT_PREEMPTED
         writer.close()
         if "after" not in summary:
             summary["after"] = evaluate(rl_ctx, held)

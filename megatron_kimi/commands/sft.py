@@ -21,6 +21,7 @@ from megatron_kimi.data.chat_synth import generate_chat_arithmetic
 from megatron_kimi.data.sft_cache import build_or_load_cache
 from megatron_kimi.data.sft_source import PackedSFTSource
 from megatron_kimi.data.tokenizer import load_tokenizer
+from megatron_kimi.platform import preemption
 from megatron_kimi.training import checkpoint as ckpt
 from megatron_kimi.training.lm_step import lm_forward_step
 from megatron_kimi.training.metrics import MetricsWriter, truncate_metrics
@@ -104,7 +105,7 @@ def run(cfg: SFTConfig) -> int:
         if cfg.training.max_steps is not None:
             total = min(total, cfg.training.max_steps)
         writer = MetricsWriter(run_dir, enabled=ctx.is_rank0, tensorboard=cfg.logging.tensorboard,
-                               progress_bar=cfg.logging.progress_bar, progress_total=total, progress_initial=first)
+                               progress_bar=cfg.logging.progress_bar, log_interval=cfg.logging.log_interval, progress_total=total, progress_initial=first)
         if start is not None:
             writer.print(f"resumed from {start} at step {first} (stage {stage_idx})")
         history = []
@@ -131,9 +132,10 @@ def run(cfg: SFTConfig) -> int:
                 save_at_end=cfg.checkpoint.save_at_end, keep_last=cfg.checkpoint.keep_last,
                 tokens_per_sample=st.seq_length, extra_state={"config": to_dict(cfg)},
                 extra_record={"stage": i, "packing_efficiency": plan.efficiency},
+                should_stop=preemption.requested,
             )
             stage_start += stage_steps[i]
-            if trainer.state.step >= total:
+            if trainer.stopped or trainer.state.step >= total:
                 break
         writer.close()
         if ctx.is_rank0:
@@ -144,6 +146,6 @@ def run(cfg: SFTConfig) -> int:
                 [{"stage": st.name, "steps": n, "packing": sources[i].plan(0).stats,
                   "efficiency": sources[i].plan(0).efficiency} for i, (st, n) in enumerate(zip(cfg.stages, stage_steps))],
                 indent=1, default=str))
-        return 0
+        return preemption.EXIT_PREEMPTED if trainer.stopped else 0
     finally:
         shutdown()

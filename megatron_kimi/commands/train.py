@@ -11,6 +11,7 @@ from megatron_kimi.config import TrainConfig, to_dict
 from megatron_kimi.data.corpus import SequenceSampler, TokenCorpus, generate_arithmetic_corpus, load_texts
 from megatron_kimi.data.lm_source import LMBatchSource
 from megatron_kimi.data.tokenizer import load_tokenizer
+from megatron_kimi.platform import preemption
 from megatron_kimi.training import checkpoint as ckpt
 from megatron_kimi.training.lm_step import lm_forward_step
 from megatron_kimi.training.metrics import MetricsWriter, truncate_metrics
@@ -63,7 +64,7 @@ def run(cfg: TrainConfig) -> int:
             truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
         first = trainer.state.step
         writer = MetricsWriter(run_dir, enabled=ctx.is_rank0, tensorboard=cfg.logging.tensorboard,
-                               progress_bar=cfg.logging.progress_bar, progress_total=t.steps, progress_initial=first)
+                               progress_bar=cfg.logging.progress_bar, log_interval=cfg.logging.log_interval, progress_total=t.steps, progress_initial=first)
         if start is not None:
             writer.print(f"resumed from {start} at step {first}")
         writer.print(
@@ -81,11 +82,12 @@ def run(cfg: TrainConfig) -> int:
             keep_last=cfg.checkpoint.keep_last,
             tokens_per_sample=t.seq_length,
             extra_state={"config": to_dict(cfg)},
+            should_stop=preemption.requested,
         )
         writer.close()
         if history and ctx.is_rank0:
             print(f"train: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} over steps "
                   f"{first + 1}..{trainer.state.step}; run dir {run_dir}", flush=True)
-        return 0
+        return preemption.EXIT_PREEMPTED if trainer.stopped else 0
     finally:
         shutdown()

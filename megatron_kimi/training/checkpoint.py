@@ -29,18 +29,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_kimi.megatron_fixes import dist_optimizer_checkpoint as optim_fix
 from megatron_kimi.model.sharding import unwrap
+from megatron_kimi.training.ckpt_paths import LATEST, CheckpointError, iter_dir_name, resolve  # noqa: F401
 
-LATEST = "latest"
 FORMAT_VERSION = 1
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(ValueError):
-    """A missing, incomplete or incompatible checkpoint (names the path)."""
-
-
-def iter_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
 
 
 def layout() -> Dict[str, int]:
@@ -50,21 +42,6 @@ def layout() -> Dict[str, int]:
         "cp": parallel_state.get_context_parallel_world_size(),
         "dp": parallel_state.get_data_parallel_world_size(),
     }
-
-
-def resolve(path: str | Path) -> Optional[Path]:
-    """A checkpoint dir itself, or a checkpoints/ dir with ``latest``; None if there is none."""
-    path = Path(path)
-    if (path / "metadata.json").is_file() or (path / "common.pt").is_file():
-        return path
-    latest = path / LATEST
-    if latest.is_file():
-        name = latest.read_text().strip()
-        target = path / name
-        if not target.is_dir():
-            raise CheckpointError(f"{latest}: points to {name!r}, which does not exist")
-        return target
-    return None
 
 
 def start_point(run_dir: str | Path, resume: bool, load: Optional[str]) -> tuple[Optional[Path], bool]:

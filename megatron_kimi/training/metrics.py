@@ -1,4 +1,5 @@
-"""Run outputs on rank 0: ``metrics.jsonl`` (one JSON object per step), TensorBoard, progress bar."""
+"""Run outputs on rank 0: ``metrics.jsonl`` (one JSON object per step), TensorBoard, and progress:
+a tqdm bar on a terminal, else (batch logs, Slurm) one plain line every ``log_interval`` steps."""
 
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ class MetricsWriter:
     """Writes on global rank 0 only; a no-op elsewhere."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, progress_total: Optional[int] = None,
-                 progress_initial: int = 0, progress_bar: bool = True):
+                 progress_initial: int = 0, progress_bar: bool = True, log_interval: int = 1):
         self.enabled = enabled
+        self.log_interval = log_interval
+        self.total = progress_total
         self.run_dir = Path(run_dir)
         self._file = None
         self._tb = None
@@ -54,7 +57,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-        if progress_bar and progress_total:
+        if progress_bar and progress_total and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=progress_total, initial=progress_initial, unit="step", dynamic_ncols=True,
@@ -73,6 +76,10 @@ class MetricsWriter:
             post = {k: record[k] for k in ("loss", "lr", "tokens_per_s") if k in record}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in post.items()}, refresh=False)
             self._bar.update(1)
+        elif step % self.log_interval == 0 or step == self.total:
+            keys = ("loss", "reward", "accuracy", "lr", "grad_norm", "tokens_per_s", "step_time_s")
+            fields = " | ".join(f"{k} {record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float)))
+            print(f"step {step}/{self.total or '?'} | {fields}", flush=True)
 
     def print(self, text: str) -> None:
         if not self.enabled:

@@ -73,6 +73,7 @@ class Trainer:
         self.micro_batch_size = micro_batch_size
         self.loss_key = loss_key
         self.state = TrainState()
+        self.stopped = False  # fit() ended early on should_stop() (preemption)
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self, microbatches: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
@@ -142,7 +143,8 @@ class Trainer:
             if (save_interval and s.step % save_interval == 0) or stop or (save_at_end and s.step == total_steps):
                 self.save(ckpt_root, keep_last, extra_state)
             if stop:
-                writer.print(f"stopping at step {s.step} (requested); checkpoint saved")
+                writer.print(f"stopping at step {s.step} (preemption requested); checkpoint saved")
+                self.stopped = True
                 break
         return history
 

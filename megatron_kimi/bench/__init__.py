@@ -1,0 +1,1 @@
+"""Benchmarks behind tools/bench_*.py."""
