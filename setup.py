@@ -39,7 +39,7 @@ setup(
     package_dir={"megatron_kimi.kernels": "kernels"},
     install_requires=core,
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "triton>=3.2"],  # Triton kernels run under TRITON_INTERPRET=1 on CPU
         # GPU clusters: the code imports and runs without any of these.
         "te": ["transformer-engine[pytorch]"],
         "apex": ["apex"],

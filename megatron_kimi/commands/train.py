@@ -42,6 +42,9 @@ def prepare_corpus(cfg: TrainConfig, is_rank0: bool):
 
 
 def run(cfg: TrainConfig) -> int:
+    if cfg.parallel.context > 1:
+        raise ValueError("parallel.context > 1: context parallelism runs on packed (THD) batches; use "
+                         "`megatron-kimi sft` (the train command feeds fixed-length sbhd samples)")
     ctx = initialize(cfg)
     try:
         tokenizer, corpus = prepare_corpus(cfg, ctx.is_rank0)

@@ -5,7 +5,8 @@ Plugs into Megatron's ``SelfAttention`` as ``core_attention``. Two input layouts
 * sbhd: ``q [s, b, hq, d]``, ``k/v [s, b, hkv, d]`` -> ``[s, b, hq*d]`` (causal).
 * thd (packed, ``PackedSeqParams(qkv_format="thd")``): ``q [t, hq, d]`` -> ``[t, hq*d]``; every
   sample ``cu_seqlens[i]:cu_seqlens[i+1]`` attends causally to itself only (no cross-sample
-  attention). This is the PyTorch reference path; a Triton varlen kernel may replace it.
+  attention). Under context parallelism (THD only) the rank's zig-zag chunks attend to their
+  samples' all-gathered K/V prefixes (megatron_kimi/parallel/context.py).
 
 GQA: K/V heads are repeated to the query heads. Under tensor parallelism the heads are local.
 """
@@ -87,8 +88,9 @@ class SDPACoreAttention(MegatronModule):
         **unused,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError("context parallelism needs the CP attention module")
+        self.cp_size = config.context_parallel_size
+        if self.cp_size > 1 and (config.attention_dropout if attention_dropout is None else attention_dropout) > 0:
+            raise ValueError("context parallelism: attention dropout is not supported (set model.attention_dropout=0)")
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"SDPACoreAttention supports causal masks only, got {attn_mask_type}")
         self.layer_number = layer_number
@@ -113,8 +115,23 @@ class SDPACoreAttention(MegatronModule):
                 cu = packed_seq_params.cu_seqlens_q_padded
                 if cu is None:
                     cu = packed_seq_params.cu_seqlens_q
-                out_THD = varlen_attention_thd_ref(query, key, value, cu, self.softmax_scale, p)
+                if self.cp_size > 1:  # this rank's zig-zag chunks vs. their samples' prefixes
+                    from megatron.core import parallel_state
+
+                    from megatron_kimi.parallel.context import cp_attention_thd
+
+                    out_THD = cp_attention_thd(query, key, value, cu, self.softmax_scale,
+                                               parallel_state.get_context_parallel_group())
+                    return out_THD.reshape(out_THD.shape[0], -1)
+                if query.is_cuda and p == 0.0:  # the Triton varlen flash-attention kernel
+                    from megatron_kimi.kernels.varlen_attention import varlen_attention
+
+                    out_THD, _ = varlen_attention(query, key, value, cu, softmax_scale=self.softmax_scale)
+                else:
+                    out_THD = varlen_attention_thd_ref(query, key, value, cu, self.softmax_scale, p)
                 return out_THD.reshape(out_THD.shape[0], -1)
+            if self.cp_size > 1:
+                raise ValueError("context parallelism is implemented for packed (THD) batches only")
             # sbhd -> bhsd
             q = query.permute(1, 2, 0, 3)
             k = key.permute(1, 2, 0, 3)

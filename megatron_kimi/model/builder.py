@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_kimi.config import ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig
+from megatron_kimi.model.flops import padded_vocab_size  # noqa: F401 (re-exported)
 from megatron_kimi.model.attention import SDPACoreAttention
 from megatron_kimi.model.norm import RMSNorm
 
@@ -50,16 +51,6 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     if model.transformer_impl == "local":
         return False
     return have_transformer_engine() and torch.cuda.is_available()
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Round the vocab up to a multiple of lcm(divisible_by, tp).
-
-    Unlike Megatron-LM (multiple of divisible_by * tp) the padding does not change with TP when
-    divisible_by is already a multiple of tp, so layouts share one embedding shape.
-    """
-    step = divisible_by * tp // math.gcd(divisible_by, tp)
-    return int(math.ceil(vocab_size / step) * step)
 
 
 def transformer_config(

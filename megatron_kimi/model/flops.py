@@ -10,6 +10,7 @@ MFU convention), so recompute shows up as lower MFU.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 from megatron_kimi.config import ModelConfig
@@ -71,3 +72,13 @@ def peak_tflops(device_name: Optional[str], dtype: str) -> Optional[float]:
         if key in device_name:
             return table.get(dtype)
     return None
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Round the vocab up to a multiple of lcm(divisible_by, tp).
+
+    Unlike Megatron-LM (multiple of divisible_by * tp) the padding does not change with TP when
+    divisible_by is already a multiple of tp, so layouts share one embedding shape.
+    """
+    step = divisible_by * tp // math.gcd(divisible_by, tp)
+    return int(math.ceil(vocab_size / step) * step)

@@ -13,6 +13,9 @@ from functools import partial
 from typing import Dict, Iterator
 
 import torch
+from megatron.core import parallel_state
+
+from megatron_kimi.parallel.context import split_batch_for_cp
 
 
 def _loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
@@ -36,6 +39,9 @@ def packed_to_device(params, device):
 def lm_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     """One micro-batch: tokens/labels/loss_mask/position_ids [b, s] -> per-token CE [b, s]."""
     batch = next(data_iterator)
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:  # this rank's zig-zag share of every packed sample
+        batch = split_batch_for_cp(batch, cp, parallel_state.get_context_parallel_rank())
     device = next(model.parameters()).device
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
@@ -70,6 +76,9 @@ def _logits_loss_func(logits_BSV: torch.Tensor):
 def logits_forward_step(data_iterator, model):
     """Forward-only micro-batch that reports the full-vocab logits [b, s, V_padded]."""
     batch = next(data_iterator)
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:  # this rank's zig-zag share of every packed sample
+        batch = split_batch_for_cp(batch, cp, parallel_state.get_context_parallel_rank())
     device = next(model.parameters()).device
     logits = model(batch["tokens"].to(device), batch["position_ids"].to(device), None,
                    packed_seq_params=packed_to_device(batch.get("packed_seq_params"), device))

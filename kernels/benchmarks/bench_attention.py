@@ -1,0 +1,136 @@
+"""Benchmark: Triton varlen flash attention vs PyTorch SDPA on the same packed causal work.
+
+    python kernels/benchmarks/bench_attention.py                      # 8 uneven samples, 32k tokens
+    python kernels/benchmarks/bench_attention.py --tokens 65536 --samples 16 --hq 32 --hkv 8 --d 128
+
+CUDA, bf16 by default. Rows: the Triton kernel, one SDPA ``is_causal`` call per sample (K/V heads
+repeated to the query heads for GQA), and (if the packed batch is
+small enough) one SDPA call with a block-diagonal causal mask. Prints ms and TFLOP/s for fwd and
+fwd+bwd. Causal FLOPs: 4 * D * Hq * sum L(L+1)/2 forward, x2.5 for the backward (so x3.5 for
+fwd+bwd). Without CUDA it prints that it needs CUDA and exits 0. Not a test (outside tests/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def _lengths(total: int, n: int, seed: int) -> list[int]:
+    """n uneven lengths summing to total (each >= 1)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(n, generator=g) + 0.2
+    lengths = (w / w.sum() * total).floor().long().clamp(min=1)
+    lengths[0] += total - int(lengths.sum())
+    return lengths.tolist()
+
+
+def _time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--hq", type=int, default=32)
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--mask-max-tokens", type=int, default=16384,
+                    help="run the block-diagonal-mask SDPA row only up to this many tokens (T^2 mask)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_attention: needs a CUDA GPU (Triton kernels); nothing to benchmark here.")
+        return 0
+
+    from megatron_kimi.kernels.varlen_attention import varlen_attention, varlen_attention_ref
+
+    dev, dtype = "cuda", {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    lengths = _lengths(args.tokens, args.samples, args.seed)
+    T, hq, hkv, d = args.tokens, args.hq, args.hkv, args.d
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    bounds = cu.tolist()
+    torch.manual_seed(args.seed)
+    q = torch.randn(T, hq, d, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(T, hkv, d, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(T, hkv, d, device=dev, dtype=dtype, requires_grad=True)
+    go = torch.randn(T, hq, d, device=dev, dtype=dtype)
+    rep = hq // hkv
+
+    def triton_fwd():
+        return varlen_attention(q, k, v, cu, backend="triton")[0]
+
+    def sdpa_per_sample_fwd():
+        outs = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            qs = q[s:e].transpose(0, 1).unsqueeze(0)
+            ks = k[s:e].transpose(0, 1).unsqueeze(0).repeat_interleave(rep, 1)
+            vs = v[s:e].transpose(0, 1).unsqueeze(0).repeat_interleave(rep, 1)
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
+        return torch.cat(outs, 0)
+
+    mask = None
+    if T <= args.mask_max_tokens:
+        seg = torch.repeat_interleave(torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev))
+        mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril_() & (seg[:, None] == seg[None, :])
+
+    def sdpa_mask_fwd():
+        qs = q.transpose(0, 1).unsqueeze(0)
+        ks = k.transpose(0, 1).unsqueeze(0).repeat_interleave(rep, 1)
+        vs = v.transpose(0, 1).unsqueeze(0).repeat_interleave(rep, 1)
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)[0].transpose(0, 1)
+
+    # correctness first: the first sample (up to 4096 tokens) vs the fp32 reference
+    with torch.no_grad():
+        sl = slice(0, min(bounds[1], 4096))
+        cu0 = torch.tensor([0, sl.stop - sl.start], dtype=torch.int32, device=dev)
+        got = varlen_attention(q[sl], k[sl], v[sl], cu0, backend="triton")[0].float()
+        want = varlen_attention_ref(q[sl], k[sl], v[sl], cu0)[0].float()
+        print(f"check: max |triton - ref| = {(got - want).abs().max().item():.3e} "
+              f"(max |ref| {want.abs().max().item():.3f})")
+
+    pairs = sum(L * (L + 1) // 2 for L in lengths)
+    flops_fwd = 4.0 * d * hq * pairs
+    flops_fwdbwd = flops_fwd * 3.5
+    rows = [("triton varlen", triton_fwd), ("sdpa per-sample", sdpa_per_sample_fwd)]
+    if mask is not None:
+        rows.append(("sdpa block-diag mask", sdpa_mask_fwd))
+
+    print(f"{args.samples} samples, lengths {lengths}, T={T}, Hq={hq}, Hkv={hkv}, D={d}, {args.dtype}, "
+          f"{torch.cuda.get_device_name()}")
+    print(f"{'impl':<22} {'fwd ms':>9} {'fwd TFLOP/s':>12} {'fwd+bwd ms':>11} {'fwd+bwd TFLOP/s':>16}")
+    for name, fwd in rows:
+        def fwdbwd(fwd=fwd):
+            out = fwd()
+            torch.autograd.grad(out, (q, k, v), go)
+        try:
+            with torch.no_grad():
+                t_f = _time_ms(fwd, iters=args.iters)
+            t_fb = _time_ms(fwdbwd, iters=args.iters)
+        except torch.cuda.OutOfMemoryError:
+            print(f"{name:<22} {'OOM':>9}")
+            torch.cuda.empty_cache()
+            continue
+        print(f"{name:<22} {t_f:>9.3f} {flops_fwd / t_f / 1e9:>12.1f} {t_fb:>11.3f} "
+              f"{flops_fwdbwd / t_fb / 1e9:>16.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
