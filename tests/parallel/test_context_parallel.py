@@ -1,7 +1,8 @@
 """Context parallelism on packed THD batches matches CP=1 (fp32): losses, grad norms, grads.
 
 The packs hold several samples of uneven lengths, some shorter than 2*CP (so padded); RoPE must
-then use each token's position within its own sample on every CP rank.
+then use each token's position within its own sample on every CP rank. Two layouts also turn on
+activation recomputation (full / selective), which must not change the numbers either.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def _max_rel(a: dict, b: dict) -> float:
 
 
 LAYOUTS = {
-    "cp2": (2, ["parallel.context=2"]),
+    "cp2_full_recompute": (2, ["parallel.context=2", "recompute.granularity=full"]),
     "cp2_tp2_sp": (4, ["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    "cp2_pp2": (4, ["parallel.context=2", "parallel.pipeline=2"]),
+    "cp2_pp2_selective_recompute": (4, ["parallel.context=2", "parallel.pipeline=2", "recompute.granularity=selective"]),
     "cp2_dp2": (4, ["parallel.context=2"]),
 }
 
