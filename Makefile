@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast clean gpu-check
 
 venv: $(STAMP)
 
@@ -29,3 +29,10 @@ test-fast: venv
 
 clean:
 	rm -rf runs .pytest_cache
+
+# GPU machine: the suite with CUDA visible + every benchmark at GPU sizes, one table (tools/gpu_check.py).
+# Runs with the Python that has the CUDA torch (GPU_PY), not .venv (the CPU wheel); on CPU it says so, exit 0.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	-$(GPU_PY) -c "import megatron_kimi.kernels" 2>/dev/null || $(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_PY) tools/gpu_check.py $(GPU_CHECK_ARGS)

@@ -52,6 +52,9 @@ class ModelConfig:
     attention_dropout: float = 0.0
     # "auto": Transformer Engine layers when TE is importable on CUDA, else Megatron's local layers.
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    # Packed (THD) attention of the local spec: auto = torch varlen_attn on CUDA (fp16/bf16), else the
+    # Triton kernel on CUDA, else SDPA (megatron_kimi/model/packed_attention.py). TE's spec has its own.
+    attention_impl: Literal["auto", "torch", "triton", "ref"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,12 @@ class TrainingConfig:
     micro_batch_size: int = 2
     seq_length: int = 64
     seed: int = 1234
+    # Steps whose loss or grad norm is NaN/inf are skipped (no update) and counted; this many in a
+    # row stop the run with an error (Megatron raises at the first one).
+    max_consecutive_nan_steps: int = 5
+    # Per-token LM loss: "fused" = the vocab-parallel log-prob kernel on the final hidden state (no
+    # [tokens, vocab] logits; megatron_kimi/model/gpt.py), "megatron" = logits + Megatron's cross-entropy.
+    lm_loss_impl: Literal["fused", "megatron"] = "fused"
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,7 @@ class DataConfig:
     # A local Hugging Face tokenizer directory, or "builtin:char" (built by the project).
     tokenizer: str = "builtin:char"
     builtin_num_lines: int = 20000
+    on_error: Literal["raise", "skip"] = "raise"  # bad jsonl lines: error (file:line) or skip and count
 
 
 @dataclass(frozen=True)
@@ -175,18 +185,27 @@ class SFTDataConfig:
     tokenizer: str = "builtin:char"  # a local HF tokenizer dir (its chat template is used) or builtin:char
     num_workers: int = 2  # tokenization worker processes
     on_error: Literal["raise", "skip"] = "raise"  # malformed jsonl lines
-    overlong: Literal["truncate", "drop"] = "truncate"  # samples longer than seq_length
+    # Samples longer than a stage's seq_length: cut to it, or leave out (both counted), or stop with an
+    # error naming the file and line.
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
     cache_dir: Optional[str] = None  # default: RUN_DIR/cache
     builtin_num_samples: int = 3000
     builtin_long_cot: bool = False  # builtin data with worked (long chain-of-thought) answers
     builtin_operands: int = 0  # 0: long-tailed 2..6 operands; n: always n (the RL demo warms up on n=2)
     builtin_multi_turn: bool = True
+    builtin_carry_slip: float = 0.0  # P(teacher drops the ones carry), see data/chat_synth.py
 
 
 @dataclass(frozen=True)
 class SFTTrainingConfig:
     seed: int = 1234
     max_steps: Optional[int] = None  # stop after this many steps in total (smoke runs)
+    # Steps whose loss or grad norm is NaN/inf are skipped (no update) and counted; this many in a
+    # row stop the run with an error (Megatron raises at the first one).
+    max_consecutive_nan_steps: int = 5
+    # Per-token LM loss: "fused" = the vocab-parallel log-prob kernel on the final hidden state (no
+    # [tokens, vocab] logits; megatron_kimi/model/gpt.py), "megatron" = logits + Megatron's cross-entropy.
+    lm_loss_impl: Literal["fused", "megatron"] = "fused"
 
 
 @dataclass(frozen=True)
@@ -221,6 +240,13 @@ class RLAlgoConfig:
     length_penalty_warmup: int = 0  # iterations before the length penalty switches on
     repeat_penalty: float = -1.0  # reward of a response stopped by the repeat detector
     eval_interval: int = 0  # held-out evaluation every N iterations (0 = only before and after)
+    # Wall-clock limit of one reward call (the samples of one reward kind in one iteration); past it, or
+    # when the reward raises, the samples score 0 and are counted (reward_timeouts, reward_errors).
+    reward_timeout_s: float = 300.0
+    # Per-token log π of the training step: "fused" = the vocab-parallel log-prob kernel on the final
+    # hidden state, and for rl.loss=mirror_descent the packed mirror-descent loss kernel on per-token
+    # log-ratios; "megatron" = logits + Megatron's cross-entropy, then the registry loss on sequence sums.
+    logprob_impl: Literal["fused", "megatron"] = "fused"
 
 
 @dataclass(frozen=True)
@@ -243,6 +269,7 @@ class RLDataConfig:
     eval_size: int = 200
     tokenizer: str = "builtin:char"
     reward: Optional[str] = None  # override the per-prompt "kind" reward (a registry name or dotted path)
+    on_error: Literal["raise", "skip"] = "raise"  # bad prompt lines: error (file:line) or skip and count
 
 
 @dataclass(frozen=True)
@@ -250,6 +277,9 @@ class RLTrainingConfig:
     seed: int = 1234
     seq_length: int = 256  # pack capacity for training micro-batches (prompt + response)
     max_packs_per_microbatch: int = 1
+    # Steps whose loss or grad norm is NaN/inf are skipped (no update) and counted; this many in a
+    # row stop the run with an error (Megatron raises at the first one).
+    max_consecutive_nan_steps: int = 5
 
 
 @dataclass(frozen=True)
@@ -474,6 +504,8 @@ def validate_parallel(p: ParallelConfig) -> None:
 
 def validate(cfg: Any) -> None:
     """Checks that need no world size. Called once by build_config."""
+    nan_steps = getattr(getattr(cfg, "training", None), "max_consecutive_nan_steps", 1)
+    _check(nan_steps >= 1, f"training.max_consecutive_nan_steps must be >= 1, got {nan_steps}")
     if isinstance(cfg, TrainConfig):
         validate_parallel(cfg.parallel)
         validate_model(cfg.model, cfg.parallel)
@@ -531,6 +563,7 @@ def validate(cfg: Any) -> None:
         _check(r.tau > 0, f"rl.tau must be > 0, got {r.tau}")
         _check(r.prompts_per_iteration >= 1 and r.iterations >= 0, "rl.prompts_per_iteration >= 1, rl.iterations >= 0")
         _check(r.updates_per_iteration >= 1, "rl.updates_per_iteration must be >= 1")
+        _check(r.reward_timeout_s > 0, f"rl.reward_timeout_s must be > 0, got {r.reward_timeout_s}")
         _check(cfg.parallel.pipeline == 1 and cfg.parallel.context == 1,
                "rl: the built-in rollout engine supports tensor and data parallelism only (parallel.pipeline=1, "
                "parallel.context=1)")

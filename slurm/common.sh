@@ -15,9 +15,12 @@
 #
 # Preemption: Slurm sends SIGUSR1 to this batch shell (`#SBATCH --signal=B:USR1@300`, or
 #   `scancel --signal=USR1 --batch JOB`); the trap below forwards it to the ranks, which save a
-#   checkpoint at the next step boundary and exit with code 75; this script then runs
-#   `scontrol requeue $SLURM_JOB_ID` (the job needs --requeue) and the requeued job resumes from that
-#   checkpoint. KIMI_MAX_REQUEUES (default 50) bounds the loop.
+#   checkpoint at the next step boundary, confirm it (every rank got through the save and it passes
+#   inspect_checkpoint's completeness check: RUN_DIR/checkpoints/preempted.json) and exit with code 75.
+#   Only if this script then finds that confirmation, for the checkpoint `latest` names, does it run
+#   `scontrol requeue $SLURM_JOB_ID` (the job needs --requeue); the requeued job resumes from it.
+#   Without it the script says so and exits non-zero: a requeue would silently redo the lost steps.
+#   KIMI_MAX_REQUEUES (default 50) bounds the loop.
 #
 # Environment knobs (all optional):
 #   PY                    python to use (default: .venv/bin/python of the repo, else python3)
@@ -58,6 +61,33 @@ _kimi_on_usr1() {
     torchrun) pkill -USR1 -P "$KIMI_CHILD" 2>/dev/null || true ;; # the workers, not the agent
     *) kill -USR1 "$KIMI_CHILD" 2>/dev/null || true ;;
   esac
+}
+
+# Prints "PATH (step N, W ranks)" when RUN_DIR/checkpoints/preempted.json (written by the ranks after
+# the stop checkpoint) names a checkpoint that is complete and is the one a resumed run starts from;
+# else prints why not and fails.
+_kimi_confirmed_checkpoint() {
+  local confirm="$1/checkpoints/preempted.json"
+  if [ ! -f "$confirm" ]; then
+    echo "no $confirm: not every rank finished the checkpoint save"
+    return 1
+  fi
+  "$PY" - "$1" "$confirm" <<'PYEOF'
+import json, sys
+from pathlib import Path
+from megatron_kimi.ckpt_tools.inspect import inspect_checkpoint
+from megatron_kimi.training.ckpt_paths import CheckpointError
+run_dir, confirm = sys.argv[1], sys.argv[2]
+try:
+    c = json.load(open(confirm))
+    info = inspect_checkpoint(run_dir)  # the checkpoint `latest` names, with the completeness check
+except (CheckpointError, ValueError, OSError) as e:
+    sys.exit(print(f"{e}") or 1)
+if Path(info.path).resolve() != Path(c["checkpoint"]).resolve() or info.step != c["step"]:
+    sys.exit(print(f"{confirm} names {c['checkpoint']} (step {c['step']}) but the resume point is "
+                   f"{info.path} (step {info.step})") or 1)
+print(f"{info.path} (step {info.step}, {c['ranks']} ranks)")
+PYEOF
 }
 
 kimi_launch() {  # kimi_launch COMMAND CONFIG [key=value ...]
@@ -104,6 +134,7 @@ kimi_launch() {  # kimi_launch COMMAND CONFIG [key=value ...]
     single) launcher=("$PY" -m megatron_kimi "$cmd" "$@") ;;
   esac
 
+  rm -f "$run_dir/checkpoints/preempted.json" 2>/dev/null || true  # only this launch's ranks may confirm a preemption save
   KIMI_GOT_USR1=0
   trap _kimi_on_usr1 USR1
   # tee ignores USR1 (it would die of it: under torchrun it is a sibling of the workers we signal)
@@ -118,6 +149,17 @@ kimi_launch() {  # kimi_launch COMMAND CONFIG [key=value ...]
   KIMI_CHILD=""
 
   if [ "$rc" = "$KIMI_EXIT_PREEMPTED" ] || { [ "$KIMI_GOT_USR1" = 1 ] && [ "$rc" != 0 ]; }; then
+    local saved
+    if ! saved=$(_kimi_confirmed_checkpoint "$run_dir" 2>&1); then
+      {
+        echo "[kimi] error: preempted (ranks exited with $rc) but the stop checkpoint was NOT confirmed: $saved"
+        echo "[kimi] not requeueing: the work since the newest complete checkpoint is lost, and a rerun resumes" \
+             "from that checkpoint (or from scratch if there is none); see the rank errors above"
+      } | tee -a "$log" >&2
+      [ "$rc" = "$KIMI_EXIT_PREEMPTED" ] && return 1
+      return "$rc"
+    fi
+    echo "[kimi] stop checkpoint confirmed by every rank and complete: $saved" | tee -a "$log" >&2
     if [ "$KIMI_MODE" = srun ]; then
       local restarts="${SLURM_RESTART_COUNT:-0}"
       if [ "$restarts" -lt "${KIMI_MAX_REQUEUES:-50}" ]; then

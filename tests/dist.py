@@ -56,6 +56,8 @@ def _entry(rank: int, env: dict, payload: bytes, parent_pid: int, results: Any) 
     """Child main: set the environment, then unpickle and run the body; report via ``results``."""
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     os.environ.update(env)
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":  # a CPU rank (tests/conftest.py): as on a CPU-only machine
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
         import faulthandler
 

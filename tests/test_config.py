@@ -9,6 +9,8 @@ import pytest
 
 from megatron_kimi.config import (
     ConfigError,
+    RLConfig,
+    SFTConfig,
     TrainConfig,
     build_config,
     load_config,
@@ -86,6 +88,24 @@ def test_wrong_types_name_the_dotted_key(tmp_path, yaml_text, key, fragment):
     assert fragment in msg, msg
     assert str(path) in msg, msg
 
+
+
+@pytest.mark.parametrize(
+    "schema, override, message",
+    [
+        (TrainConfig, "optimizer.lr=abc", "optimizer.lr: expected a number, got 'abc'"),
+        (TrainConfig, "training.steps=1.5", "training.steps: expected an integer, got 1.5"),
+        (TrainConfig, "data.on_error=ignore", "data.on_error: 'ignore' is not one of ['raise', 'skip']"),
+        (TrainConfig, "training.max_consecutive_nan_steps=0", "training.max_consecutive_nan_steps must be >= 1"),
+        (SFTConfig, "data.overlong=wrap", "data.overlong: 'wrap' is not one of ['truncate', 'drop', 'error']"),
+        (RLConfig, "rl.reward_timeout_s=soon", "rl.reward_timeout_s: expected a number, got 'soon'"),
+        (RLConfig, "rl.reward_timeout_s=0", "rl.reward_timeout_s must be > 0"),
+    ],
+)
+def test_wrong_types_from_a_cli_override_name_the_field_and_the_type(schema, override, message):
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, [override], schema=schema)
+    assert message in str(ei.value)
 
 def test_bool_field_via_override_quoted_yes_is_a_string():
     # PyYAML (YAML 1.1) reads an unquoted `yes` as true; the quoted "yes" is a string and is rejected

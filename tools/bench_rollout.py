@@ -51,11 +51,12 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
-def _init_single_process():
+def _init_single_process(seed: int):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_kimi.platform import cpu_emulation
+    from megatron_kimi.training.runtime import seed_everything
 
     cpu_emulation.activate()
     if not dist.is_initialized():
@@ -63,6 +64,8 @@ def _init_single_process():
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    # Megatron initialises weights under the model-parallel CUDA RNG tracker: seed it before any build.
+    seed_everything(seed)
 
 
 def build_megatron(args):
@@ -195,7 +198,7 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    _init_single_process()
+    _init_single_process(args.seed)
     from megatron_kimi.rollout import GenerationEngine
 
     m, model, padded = build_megatron(args)

@@ -1,9 +1,11 @@
-"""Benchmark: Triton varlen flash attention vs PyTorch SDPA on the same packed causal work.
+"""Benchmark: Triton varlen flash attention vs PyTorch's varlen_attn and SDPA on the same packed causal work.
 
     python kernels/benchmarks/bench_attention.py                      # 8 uneven samples, 32k tokens
     python kernels/benchmarks/bench_attention.py --tokens 65536 --samples 16 --hq 32 --hkv 8 --d 128
 
-CUDA, bf16 by default. Rows: the Triton kernel, one SDPA ``is_causal`` call per sample (K/V heads
+CUDA, bf16 by default. Rows: the Triton kernel, PyTorch's own varlen flash attention
+(``torch.nn.attention.varlen.varlen_attn``, causal = ``window_size=(-1, 0)``, K/V heads repeated for
+GQA; where the installed torch has it), one SDPA ``is_causal`` call per sample (K/V heads
 repeated to the query heads for GQA), and (if the packed batch is
 small enough) one SDPA call with a block-diagonal causal mask. Prints ms and TFLOP/s for fwd and
 fwd+bwd. Causal FLOPs: 4 * D * Hq * sum L(L+1)/2 forward, x2.5 for the backward (so x3.5 for
@@ -85,6 +87,16 @@ def main(argv=None) -> int:
             outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
         return torch.cat(outs, 0)
 
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        varlen_attn = None
+    max_len = max(lengths)
+
+    def torch_varlen_fwd():
+        ks, vs = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        return varlen_attn(q, ks, vs, cu, cu, max_len, max_len, window_size=(-1, 0))
+
     mask = None
     if T <= args.mask_max_tokens:
         seg = torch.repeat_interleave(torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev))
@@ -108,7 +120,10 @@ def main(argv=None) -> int:
     pairs = sum(L * (L + 1) // 2 for L in lengths)
     flops_fwd = 4.0 * d * hq * pairs
     flops_fwdbwd = flops_fwd * 3.5
-    rows = [("triton varlen", triton_fwd), ("sdpa per-sample", sdpa_per_sample_fwd)]
+    rows = [("triton varlen", triton_fwd)]
+    if varlen_attn is not None:
+        rows.append(("torch varlen_attn", torch_varlen_fwd))
+    rows.append(("sdpa per-sample", sdpa_per_sample_fwd))
     if mask is not None:
         rows.append(("sdpa block-diag mask", sdpa_mask_fwd))
 

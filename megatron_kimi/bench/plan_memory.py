@@ -1,4 +1,8 @@
-"""``tools/plan_memory.py CONFIG [key=value ...] --world N``: will this config fit on 80 GB GPUs?
+"""``tools/plan_memory.py CONFIG [key=value ...] [--world N | --nodes N]``: will this config fit on 80 GB GPUs?
+
+Without ``--world`` or ``--nodes`` the world is the smallest one that holds the config's layout
+(tp x pp x cp with data-parallel 1) in whole nodes of ``--gpus-per-node`` GPUs, i.e. the least common
+multiple of the two; the assumed world is printed.
 
 Reads any command's config (train / sft / rl; for sft the longest stage counts), prints the per-GPU
 estimate of megatron_kimi/model/memory.py part by part and whether it fits (``--capacity-gib``).
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 import time
@@ -52,6 +57,12 @@ def plan_for_config(cfg, world: int, capacity_gib: float):
     micro = max(1, gbs // (mbs * lay.dp))
     return plan(cfg.model, vocab, lay, seq * mbs, cfg.precision.dtype, cfg.recompute, micro,
                 grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32, capacity_gib=capacity_gib)
+
+
+def default_world(parallel, gpus_per_node: int) -> int:
+    """Smallest whole-node world divisible by tp x pp x cp (DP 1 when the layout fills whole nodes)."""
+    mp = parallel.tensor * parallel.pipeline * parallel.context
+    return math.lcm(mp, gpus_per_node)
 
 
 def _rss() -> int:
@@ -152,23 +163,39 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="plan_memory", description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--world", type=int, default=None, help="GPUs in the job (default: --nodes x --gpus-per-node)")
-    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--world", type=int, default=None,
+                    help="GPUs in the job (default: --nodes x --gpus-per-node; without --nodes the smallest "
+                         "whole-node world that holds tp x pp x cp)")
+    ap.add_argument("--nodes", type=int, default=None)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--capacity-gib", type=float, default=80.0, help="per-GPU memory (H100 SXM: 80)")
     ap.add_argument("--measure", action="store_true", help="also measure 2 real steps here (1-rank layouts)")
     ap.add_argument("--json", default=None)
     args = ap.parse_intermixed_args(argv)
-    world = args.world or args.nodes * args.gpus_per_node
+    for flag in ("world", "nodes", "gpus_per_node"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            print(f"plan_memory: error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}",
+                  file=sys.stderr)
+            return 2
     try:
         cfg = load_config(args.config, args.overrides, _schema(args.config))
+        if args.world is not None:
+            world = args.world
+        elif args.nodes is not None:
+            world = args.nodes * args.gpus_per_node
+        else:
+            world = default_world(cfg.parallel, args.gpus_per_node)
+            print(f"plan_memory: assuming world {world} = {world // args.gpus_per_node} node(s) x "
+                  f"{args.gpus_per_node} GPUs, the smallest that holds tp x pp x cp = "
+                  f"{cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context} "
+                  f"(pass --world or --nodes to choose)")
         pl = plan_for_config(cfg, world, args.capacity_gib)
     except (ConfigError, ValueError) as e:
         print(f"plan_memory: error: {e}", file=sys.stderr)
         return 2
     print(format_plan(pl, f"{args.config}: per-GPU memory estimate ({world} GPUs)"))
     result = {"parts_gib": {k: v / GIB for k, v in pl.parts.items()}, "total_gib": pl.total / GIB, "fits": pl.fits,
-              "world": world}
+              "world": world, "world_assumed": args.world is None and args.nodes is None}
     if args.measure:
         import os
 

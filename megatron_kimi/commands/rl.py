@@ -7,6 +7,7 @@ same weights, the prompts, held-out evaluation, checkpoints, metrics and a PNG p
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import List
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_kimi.config import RLConfig, to_dict
+from megatron_kimi.data.jsonl import BadLines
 from megatron_kimi.data.tokenizer import load_tokenizer
 from megatron_kimi.model.sharding import unwrap
 from megatron_kimi.platform import preemption
@@ -34,11 +36,20 @@ from megatron_kimi.training.trainer import Trainer
 BUILTIN = "builtin:arithmetic"
 
 
+def _load_prompts_reporting(path: str, cfg: RLConfig) -> List[Prompt]:
+    bad = BadLines(path)
+    prompts = load_prompts(path, on_error=cfg.data.on_error, bad=bad, reward=cfg.data.reward)
+    if bad.count and dist.get_rank() == 0:
+        print(f"rl: {bad.summary()}", flush=True)
+    return prompts
+
+
 def load_prompt_sets(cfg: RLConfig):
     d = cfg.data
-    train = arithmetic_prompts(4000, cfg.training.seed, heldout=False) if d.prompts == BUILTIN else load_prompts(d.prompts)
+    train = (arithmetic_prompts(4000, cfg.training.seed, heldout=False) if d.prompts == BUILTIN
+             else _load_prompts_reporting(d.prompts, cfg))
     if d.eval_prompts:
-        held = load_prompts(d.eval_prompts)
+        held = _load_prompts_reporting(d.eval_prompts, cfg)
     elif d.prompts == BUILTIN:
         held = arithmetic_prompts(d.eval_size, cfg.training.seed + 1, heldout=True)
     else:
@@ -119,8 +130,9 @@ def run(cfg: RLConfig) -> int:
         train_prompts, held = load_prompt_sets(cfg)
         get_loss(cfg.rl.loss)  # fail fast on a bad name
         bundle = build_training_bundle(cfg, len(tokenizer), total_steps=max(1, cfg.rl.iterations * cfg.rl.updates_per_iteration))
-        trainer = Trainer(bundle, make_rl_forward_step(get_loss(cfg.rl.loss), cfg.rl.tau), cfg.training.seq_length,
-                          micro_batch_size=1, loss_key="rl")
+        step_func = make_rl_forward_step(cfg.rl.loss, cfg.rl.tau, cfg.rl.logprob_impl)
+        trainer = Trainer(bundle, step_func, cfg.training.seq_length, micro_batch_size=1, loss_key="rl",
+                          max_consecutive_nan_steps=cfg.training.max_consecutive_nan_steps)
         start, resumed = ckpt.start_point(run_dir, cfg.checkpoint.resume, cfg.checkpoint.load)
         if start is not None:  # a warm start (e.g. from SFT) loads the weights only
             trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer and resumed)
@@ -165,9 +177,10 @@ def run(cfg: RLConfig) -> int:
                 cfg.checkpoint.save_at_end and it + 1 == r.iterations
             ):
                 if ctx.is_rank0:
-                    summary_path.write_text(json.dumps(summary, indent=1))
-                trainer.save(run_dir / "checkpoints", cfg.checkpoint.keep_last, extra={"config": to_dict(cfg)})
+                    _write_atomic(summary_path, json.dumps(summary, indent=1))  # a kill mid-write must not corrupt it
+                saved = trainer.save(run_dir / "checkpoints", cfg.checkpoint.keep_last, extra={"config": to_dict(cfg)})
             if stop:
+                preemption.confirm_saved(saved, trainer.state.step)
                 writer.print(f"stopping after iteration {it + 1} (preemption requested); checkpoint saved")
                 writer.close()
                 return preemption.EXIT_PREEMPTED
@@ -175,7 +188,7 @@ def run(cfg: RLConfig) -> int:
         if "after" not in summary:
             summary["after"] = evaluate(rl_ctx, held)
         if ctx.is_rank0:
-            summary_path.write_text(json.dumps(summary, indent=1))
+            _write_atomic(summary_path, json.dumps(summary, indent=1))
             if history:
                 _plot(history, run_dir / "rl_curves.png", summary["before"])
             b, a = summary["before"], summary["after"]
@@ -184,6 +197,12 @@ def run(cfg: RLConfig) -> int:
         return 0
     finally:
         shutdown()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _read_history(path: Path) -> List[dict]:

@@ -36,6 +36,7 @@ def _stage_data_path(cfg: SFTConfig, stage: SFTStageConfig, cache: Path) -> Path
     if stage.data == BUILTIN_CHAT:
         d = cfg.data
         tag = f"{'cot' if d.builtin_long_cot else 'plain'}_op{d.builtin_operands}_mt{int(d.builtin_multi_turn)}"
+        tag += f"_slip{d.builtin_carry_slip:g}" if d.builtin_carry_slip else ""
         return cache / f"chat_arithmetic_{tag}_{d.builtin_num_samples}_{cfg.training.seed}.jsonl"
     return Path(stage.data)
 
@@ -53,7 +54,8 @@ def prepare_stage_caches(cfg: SFTConfig, is_rank0: bool):
             if st.data == BUILTIN_CHAT and not path.is_file():
                 generate_chat_arithmetic(path, cfg.data.builtin_num_samples, seed=cfg.training.seed,
                                          long_cot=cfg.data.builtin_long_cot, operands=cfg.data.builtin_operands,
-                                         multi_turn=cfg.data.builtin_multi_turn)
+                                         multi_turn=cfg.data.builtin_multi_turn,
+                                         carry_slip=cfg.data.builtin_carry_slip)
         # forkserver: this process already runs torch.distributed threads, which fork() must not copy.
         return [build_or_load_cache(p, cfg.data.tokenizer, cache, num_workers=cfg.data.num_workers,
                                     on_error=cfg.data.on_error, mp_context="forkserver") for p in paths]
@@ -63,6 +65,11 @@ def prepare_stage_caches(cfg: SFTConfig, is_rank0: bool):
     dist.barrier()
     caches = build() if not is_rank0 else [build_or_load_cache(p, cfg.data.tokenizer, cache, num_workers=1,
                                                                on_error=cfg.data.on_error) for p in paths]
+    for i, (st, path, c) in enumerate(zip(cfg.stages, paths, caches)):
+        if len(c) == 0:
+            skipped = c.stats.get("malformed_skipped", 0)
+            raise ValueError(f"stages[{i}] ({st.name}).data: {path}: empty dataset (no samples; "
+                             f"{c.stats.get('lines', 0)} lines, {skipped} bad lines skipped)")
     tokenizer = load_tokenizer(cfg.data.tokenizer, cache)
     return tokenizer, caches
 
@@ -84,8 +91,14 @@ def run(cfg: SFTConfig) -> int:
             for st, c in zip(cfg.stages, caches)
         ]
         stage_steps = [src.total_steps(st.epochs) for st, src in zip(cfg.stages, sources)]
+        for i, (st, n) in enumerate(zip(cfg.stages, stage_steps)):
+            if n == 0:
+                raise ValueError(f"stages[{i}] ({st.name}): {len(caches[i])} samples make "
+                                 f"{len(sources[i].plan(0).bins)} packs of seq_length {st.seq_length}, fewer than "
+                                 f"one global batch of {st.packs_per_step()} packs")
         bundle = build_training_bundle(cfg, len(tokenizer), total_steps=max(stage_steps[0], 1))
-        trainer = Trainer(bundle, lm_forward_step, cfg.stages[0].seq_length, micro_batch_size=1)
+        trainer = Trainer(bundle, lm_forward_step, cfg.stages[0].seq_length, micro_batch_size=1,
+                          max_consecutive_nan_steps=cfg.training.max_consecutive_nan_steps)
         run_dir = Path(cfg.run_dir)
 
         start, _ = ckpt.start_point(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.load)
@@ -115,7 +128,7 @@ def run(cfg: SFTConfig) -> int:
             if i != stage_idx:  # a fresh stage: new LR schedule, same optimizer state
                 bundle.scheduler = build_scheduler(bundle.optimizer, stage_optimizer(cfg, st, stage_steps[i]),
                                                    stage_steps[i])
-                trainer.state = TrainState(step=trainer.state.step, stage=i)
+                trainer.state = TrainState(step=trainer.state.step, stage=i, nan_steps=trainer.state.nan_steps)
             trainer.state.stage = i
             trainer.seq_length = st.seq_length
             plan = src.plan(0)
@@ -123,7 +136,8 @@ def run(cfg: SFTConfig) -> int:
                 f"sft stage {i} ({st.name}): {len(src.cache)} samples, seq_length {st.seq_length}, "
                 f"{stage_steps[i]} steps x {st.packs_per_step()} packs; epoch-0 packing efficiency "
                 f"{plan.efficiency:.3f} ({plan.stats['bins']} packs; over-long: {plan.stats['truncated']} "
-                f"truncated, {plan.stats['dropped']} dropped)"
+                f"truncated, {plan.stats['dropped']} dropped; bad lines skipped: "
+                f"{src.cache.stats.get('malformed_skipped', 0)})"
             )
             end = min(stage_start + stage_steps[i], total)
             history += trainer.fit(

@@ -9,6 +9,7 @@ from megatron.core import parallel_state
 
 from megatron_kimi.config import TrainConfig, to_dict
 from megatron_kimi.data.corpus import SequenceSampler, TokenCorpus, generate_arithmetic_corpus, load_texts
+from megatron_kimi.data.jsonl import BadLines
 from megatron_kimi.data.lm_source import LMBatchSource
 from megatron_kimi.data.tokenizer import load_tokenizer
 from megatron_kimi.platform import preemption
@@ -33,7 +34,10 @@ def prepare_corpus(cfg: TrainConfig, is_rank0: bool):
             generate_arithmetic_corpus(data_path, cfg.data.builtin_num_lines, seed=cfg.training.seed)
     dist.barrier()
     tokenizer = load_tokenizer(cfg.data.tokenizer, cache)
-    texts = load_texts(data_path, cfg.data.text_key)
+    bad = BadLines(str(data_path))
+    texts = load_texts(data_path, cfg.data.text_key, on_error=cfg.data.on_error, bad=bad)
+    if bad.count and is_rank0:
+        print(f"train: {bad.summary()}", flush=True)
     docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     corpus = TokenCorpus(docs, tokenizer.eos_token_id, cfg.training.seq_length)
     if len(corpus) == 0:
@@ -59,7 +63,8 @@ def run(cfg: TrainConfig) -> int:
         )
         bundle = build_training_bundle(cfg, len(tokenizer), t.steps)
         run_dir = Path(cfg.run_dir)
-        trainer = Trainer(bundle, lm_forward_step, t.seq_length, t.micro_batch_size)
+        trainer = Trainer(bundle, lm_forward_step, t.seq_length, t.micro_batch_size,
+                          max_consecutive_nan_steps=t.max_consecutive_nan_steps)
         start, _ = ckpt.start_point(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.load)
         if start is not None:
             trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer)

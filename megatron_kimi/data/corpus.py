@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_kimi.data.jsonl import BadLines, read_jsonl
+
 _MAX_OPERAND = 99
 
 
@@ -38,41 +40,40 @@ def generate_arithmetic_corpus(path: str | Path, num_lines: int, seed: int) -> P
     return out
 
 
-def _parse_jsonl_line(path: Path, lineno: int, line: str, text_key: str) -> str:
-    """Parse one jsonl line and return its ``text_key`` string field."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg}") from e
+def _text_field(obj: object, text_key: str) -> str:
+    """The ``text_key`` string field of one jsonl record (``ValueError`` naming the problem)."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if text_key not in obj:
-        raise ValueError(f"{path}:{lineno}: missing field {text_key!r}")
+        raise ValueError(f"missing field {text_key!r}")
     value = obj[text_key]
     if not isinstance(value, str):
-        raise ValueError(
-            f"{path}:{lineno}: field {text_key!r} must be a string, got {type(value).__name__}"
-        )
+        raise ValueError(f"field {text_key!r} must be a string, got {type(value).__name__}")
     return value
 
 
-def load_texts(path: str | Path, text_key: str = "text") -> list[str]:
+def load_texts(path: str | Path, text_key: str = "text", on_error: str = "raise",
+               bad: BadLines | None = None) -> list[str]:
     """Load documents from a ``.jsonl`` file (one object per line) or a plain text file.
 
-    For jsonl, blank lines are skipped and every other line must be a JSON
-    object with a string field ``text_key``; otherwise ``ValueError`` with
-    ``"{path}:{lineno}: ..."``.  Any other file is read whole as one document.
+    For jsonl, blank lines are skipped and every other line must be a JSON object with a string
+    field ``text_key``; a bad line (also non-UTF-8 or truncated) raises ``ValueError("{path}:{lineno}:
+    ...")``, or with ``on_error="skip"`` is left out and counted in ``bad``. Any other file is read
+    whole as one document. A file without any text is a ``ValueError`` naming it.
     """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{p}: file does not exist")
     if p.suffix.lower() != ".jsonl":
-        return [p.read_text(encoding="utf-8")]
-    texts: list[str] = []
-    with p.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                texts.append(_parse_jsonl_line(p, lineno, line, text_key))
+        try:
+            texts = [p.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: invalid UTF-8 ({e})") from None
+    else:
+        texts = [t for _, t in read_jsonl(p, lambda obj: _text_field(obj, text_key), on_error, bad)]
+    if not any(texts):
+        skipped = f", {bad.count} bad line(s) skipped" if bad is not None and bad.count else ""
+        raise ValueError(f"{p}: empty dataset (no text{skipped})")
     return texts
 
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-OVERLONG_POLICIES: tuple[str, ...] = ("truncate", "drop")
+OVERLONG_POLICIES: tuple[str, ...] = ("truncate", "drop", "error")
 
 
 class _Fenwick:
@@ -172,10 +172,10 @@ def plan_epoch(
     the tie order among equal lengths, then the bins are shuffled with the same
     ``rng`` -- different epochs give different packs, the same ``(seed, epoch)``
     the same.  Samples longer than ``capacity`` are cut to ``capacity``
-    (``"truncate"``, see :func:`build_pack`) or left out (``"drop"``); empty
-    samples are always left out.  Both are counted in ``stats``.  Bins are
-    planned on lengths rounded up to ``pad_to_multiple`` (``capacity`` must be
-    a multiple of it).
+    (``"truncate"``, see :func:`build_pack`) or left out (``"drop"``), or are a
+    ``ValueError`` (``"error"``); empty samples are always left out.  Both are
+    counted in ``stats``.  Bins are planned on lengths rounded up to
+    ``pad_to_multiple`` (``capacity`` must be a multiple of it).
     """
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
@@ -194,6 +194,10 @@ def plan_epoch(
 
     over = lens > capacity
     empty = lens == 0
+    if overlong == "error" and over.any():
+        first = int(np.flatnonzero(over)[0])
+        raise ValueError(f"{int(over.sum())} sample(s) longer than capacity {capacity}, the first is sample "
+                         f"{first} ({int(lens[first])} tokens) (overlong='error')")
     if overlong == "drop":
         excluded = over | empty
         truncated = np.zeros(0, dtype=np.int64)

@@ -10,6 +10,8 @@ into a cache directory ``<cache_root>/<key[:16]>/``:
     the matching loss mask, raw ``uint8``.
 ``index.npy``
     ``int64 [num_samples, 2]``: ``(offset, length)`` of each sample in the two files.
+``lines.npy``
+    ``int64 [num_samples]``: the 1-based jsonl line each sample came from (errors name it).
 ``meta.jsonl`` / ``meta_offsets.npy``
     one JSON line per sample with its non-``messages`` fields (``{}`` when
     none) and ``int64 [num_samples + 1]`` byte offsets of those lines.
@@ -59,9 +61,10 @@ from typing import Any
 import numpy as np
 
 from megatron_kimi.data.chat import parse_record, tokenize_conversation
+from megatron_kimi.data.jsonl import decode_line
 from megatron_kimi.data.tokenizer import BUILTIN_CHAR_SPEC, CHAR_TOKENIZER_DIRNAME, load_tokenizer
 
-CACHE_VERSION = "sft-cache-v1"
+CACHE_VERSION = "sft-cache-v2"
 """Bump whenever tokenization or the cache layout changes: it is part of the key."""
 
 MAX_REPORTED_ERRORS = 100
@@ -83,10 +86,12 @@ TOKENIZER_FINGERPRINT_FILES: tuple[str, ...] = (
 _EXTRA_TEMPLATES_DIR = "additional_chat_templates"
 _HASH_BLOCK = 1 << 20
 _CHUNKS_PER_WORKER = 4
+_PART_SUFFIXES = (".tokens", ".mask", ".lengths", ".meta", ".lines")
 _CACHE_FILES = (
     "tokens.bin",
     "mask.bin",
     "index.npy",
+    "lines.npy",
     "meta.jsonl",
     "meta_offsets.npy",
     "stats.json",
@@ -179,15 +184,7 @@ class _Chunk:
 
 
 def _process_line(tokenizer: Any, raw: bytes) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"invalid UTF-8: {e}") from e
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed JSON: {e.msg} (column {e.colno})") from e
-    messages, meta = parse_record(obj)
+    messages, meta = parse_record(decode_line(raw))
     ids, mask = tokenize_conversation(tokenizer, messages)
     return ids, mask, meta
 
@@ -212,7 +209,9 @@ def _tokenize_chunk(chunk: _Chunk) -> dict[str, Any]:
     p = chunk.part_prefix
     with open(chunk.jsonl_path, "rb") as src, open(p + ".tokens", "wb") as ft, open(
         p + ".mask", "wb"
-    ) as fm, open(p + ".lengths", "wb") as fl, open(p + ".meta", "wb") as fmeta:
+    ) as fm, open(p + ".lengths", "wb") as fl, open(p + ".meta", "wb") as fmeta, open(
+        p + ".lines", "wb"
+    ) as flines:
         src.seek(chunk.start)
         pos = chunk.start
         while pos < chunk.end:
@@ -237,6 +236,7 @@ def _tokenize_chunk(chunk: _Chunk) -> dict[str, Any]:
             ft.write(ids.tobytes())
             fm.write(mask.tobytes())
             fl.write(np.int64(len(ids)).tobytes())
+            flines.write(np.int64(out["lines"]).tobytes())
             fmeta.write(json.dumps(meta, ensure_ascii=False).encode("utf-8") + b"\n")
             out["samples"] += 1
             out["tokens"] += int(len(ids))
@@ -284,6 +284,8 @@ class SFTCache:
         self.index = np.load(self.path / "index.npy")
         self.lengths: np.ndarray = np.ascontiguousarray(self.index[:, 1], dtype=np.int64)
         self._meta_offsets = np.load(self.path / "meta_offsets.npy")
+        self.source_lines: np.ndarray = np.load(self.path / "lines.npy")
+        self.source = str(self.stats.get("jsonl", self.path))  # the jsonl path (set again by build_or_load_cache)
         self._tokens: np.ndarray | None = None
         self._mask: np.ndarray | None = None
 
@@ -340,9 +342,11 @@ def _is_complete(path: Path) -> bool:
         n, n_tok = int(stats["samples"]), int(stats["tokens"])
         index = np.load(path / "index.npy", mmap_mode="r")
         meta_offsets = np.load(path / "meta_offsets.npy", mmap_mode="r")
+        src_lines = np.load(path / "lines.npy", mmap_mode="r")
         return (
             stats.get("version") == CACHE_VERSION
             and index.shape == (n, 2)
+            and src_lines.shape == (n,)
             and meta_offsets.shape == (n + 1,)
             and (path / "tokens.bin").stat().st_size == 4 * n_tok
             and (path / "mask.bin").stat().st_size == n_tok
@@ -363,14 +367,16 @@ def _assemble(tmp: Path, parts: list[str], results: list[dict[str, Any]]) -> tup
     n = sum(r["samples"] for r in results)
     if n == 0:  # numpy cannot memory-map an empty array
         np.save(tmp / "index.npy", np.zeros((0, 2), dtype=np.int64))
+        np.save(tmp / "lines.npy", np.zeros(0, dtype=np.int64))
         np.save(tmp / "meta_offsets.npy", np.zeros(1, dtype=np.int64))
         for name in ("tokens.bin", "mask.bin", "meta.jsonl"):
             (tmp / name).touch()
         for prefix in parts:
-            for suffix in (".tokens", ".mask", ".lengths", ".meta"):
+            for suffix in _PART_SUFFIXES:
                 os.remove(prefix + suffix)
         return 0, 0
     index = np.lib.format.open_memmap(tmp / "index.npy", mode="w+", dtype=np.int64, shape=(n, 2))
+    src_lines = np.lib.format.open_memmap(tmp / "lines.npy", mode="w+", dtype=np.int64, shape=(n,))
     meta_offsets = np.lib.format.open_memmap(
         tmp / "meta_offsets.npy", mode="w+", dtype=np.int64, shape=(n + 1,)
     )
@@ -379,9 +385,10 @@ def _assemble(tmp: Path, parts: list[str], results: list[dict[str, Any]]) -> tup
     with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm, open(
         tmp / "meta.jsonl", "wb"
     ) as fmeta:
-        for prefix in parts:
+        for prefix, res in zip(parts, results):
             lengths = np.fromfile(prefix + ".lengths", dtype=np.int64)
             k = len(lengths)
+            src_lines[row : row + k] = np.fromfile(prefix + ".lines", dtype=np.int64) + res["line_offset"]
             if k:
                 ends = tok_off + np.cumsum(lengths)
                 index[row : row + k, 0] = ends - lengths
@@ -396,11 +403,12 @@ def _assemble(tmp: Path, parts: list[str], results: list[dict[str, Any]]) -> tup
                     meta_offsets[row + j + 1] = meta_off
                     fmeta.write(line)
             row += k
-            for suffix in (".tokens", ".mask", ".lengths", ".meta"):
+            for suffix in _PART_SUFFIXES:
                 os.remove(prefix + suffix)
     index.flush()
     meta_offsets.flush()
-    del index, meta_offsets
+    src_lines.flush()
+    del index, meta_offsets, src_lines
     return n, tok_off
 
 
@@ -435,6 +443,7 @@ def _build(
                 rel, msg = res["error"]
                 raise ValueError(f"{jsonl_path}:{lines_before + rel}: {msg}")
             res["skipped_list"] = [(lines_before + rel, msg) for rel, msg in res["skipped_list"]]
+            res["line_offset"] = lines_before
             lines_before += res["lines"]
             results.append(res)
 
@@ -524,6 +533,7 @@ def build_or_load_cache(
         final = _build(jsonl, tok_dir, root, key, num_workers, on_error, mp_context)
         built = True
     cache = SFTCache(final, built=built)
+    cache.source = str(jsonl)  # the same bytes may have been cached from another path
     if cache.stats.get("key") != key:
         raise ValueError(f"{final}: cache key mismatch (16-hex-digit prefix collision?)")
     if on_error == "raise":

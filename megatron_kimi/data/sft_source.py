@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+import numpy as np
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -40,6 +41,17 @@ def to_thd_batch(pack: dict) -> Dict[str, object]:
     }
 
 
+def check_not_overlong(cache, seq_length: int) -> None:
+    """``ValueError`` naming the jsonl file and line of the first sample longer than ``seq_length``."""
+    over = np.flatnonzero(cache.lengths > seq_length)
+    if len(over):
+        i = int(over[0])
+        raise ValueError(
+            f"{cache.source}:{int(cache.source_lines[i])}: sample of {int(cache.lengths[i])} tokens is longer "
+            f"than seq_length={seq_length} ({len(over)} such sample(s); data.overlong=error; set it to "
+            "'truncate' or 'drop' to cut or leave them out, counted)")
+
+
 class PackedSFTSource:
     def __init__(self, cache, seq_length: int, packs_per_step: int, dp_rank: int, dp_size: int, seed: int,
                  pad_id: int, overlong: str = "truncate", pad_to_multiple: int = 1):
@@ -50,6 +62,8 @@ class PackedSFTSource:
         self.seed, self.pad_id = seed, pad_id
         self.overlong, self.pad_to_multiple = overlong, pad_to_multiple
         self._plans: dict = {}
+        if overlong == "error":
+            check_not_overlong(cache, seq_length)
 
     def plan(self, epoch: int):
         if epoch not in self._plans:

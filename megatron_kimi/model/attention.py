@@ -85,9 +85,11 @@ class SDPACoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        impl: str = "auto",
         **unused,
     ):
         super().__init__(config=config)
+        self.impl = impl  # packed (THD) attention implementation: megatron_kimi/model/packed_attention.py
         self.cp_size = config.context_parallel_size
         if self.cp_size > 1 and (config.attention_dropout if attention_dropout is None else attention_dropout) > 0:
             raise ValueError("context parallelism: attention dropout is not supported (set model.attention_dropout=0)")
@@ -121,14 +123,13 @@ class SDPACoreAttention(MegatronModule):
                     from megatron_kimi.parallel.context import cp_attention_thd
 
                     out_THD = cp_attention_thd(query, key, value, cu, self.softmax_scale,
-                                               parallel_state.get_context_parallel_group())
+                                               parallel_state.get_context_parallel_group(), self.impl)
                     return out_THD.reshape(out_THD.shape[0], -1)
-                if query.is_cuda and p == 0.0:  # the Triton varlen flash-attention kernel
-                    from megatron_kimi.kernels.varlen_attention import varlen_attention
+                from megatron_kimi.model.packed_attention import packed_attention
 
-                    out_THD, _ = varlen_attention(query, key, value, cu, softmax_scale=self.softmax_scale)
-                else:
-                    out_THD = varlen_attention_thd_ref(query, key, value, cu, self.softmax_scale, p)
+                max_q = packed_seq_params.max_seqlen_q
+                out_THD = packed_attention(query, key, value, cu, scale=self.softmax_scale,
+                                           max_q=None if max_q is None else int(max_q), impl=self.impl, dropout_p=p)
                 return out_THD.reshape(out_THD.shape[0], -1)
             if self.cp_size > 1:
                 raise ValueError("context parallelism is implemented for packed (THD) batches only")

@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_kimi.config import ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig
 from megatron_kimi.model.flops import padded_vocab_size  # noqa: F401 (re-exported)
 from megatron_kimi.model.attention import SDPACoreAttention
+from megatron_kimi.model.gpt import KimiGPTModel
 from megatron_kimi.model.norm import RMSNorm
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,23 +115,25 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def local_layer_spec() -> ModuleSpec:
-    """Megatron's local GPT layer with our SP-capable RMSNorm and SDPA core attention."""
+def local_layer_spec(attention_impl: str = "auto") -> ModuleSpec:
+    """Megatron's local GPT layer with our SP-capable RMSNorm and SDPA / packed core attention."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     sub = spec.submodules
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
-    sub.self_attention.submodules.core_attention = SDPACoreAttention
+    sub.self_attention.submodules.core_attention = ModuleSpec(module=SDPACoreAttention,
+                                                              params={"impl": attention_impl})
     return spec
 
 
-def block_spec(config: TransformerConfig, te: bool, vp_stage: Optional[int]) -> TransformerBlockSubmodules:
+def block_spec(config: TransformerConfig, te: bool, vp_stage: Optional[int],
+               attention_impl: str = "auto") -> TransformerBlockSubmodules:
     if te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
         return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage)
     n_local = get_num_layers_to_build(config, vp_stage=vp_stage)
-    layer = local_layer_spec()
+    layer = local_layer_spec(attention_impl)
     return TransformerBlockSubmodules(layer_specs=[layer] * n_local, layer_norm=RMSNorm)
 
 
@@ -138,8 +141,13 @@ def layer_offset(config: TransformerConfig, vp_stage: Optional[int]) -> int:
     return get_transformer_layer_offset(config, vp_stage=vp_stage)
 
 
-def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size: int) -> List[GPTModel]:
-    """One ``GPTModel`` per virtual pipeline stage held by this rank (one without VPP)."""
+def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size: int,
+                       lm_head_impl: str = "megatron") -> List[GPTModel]:
+    """One ``GPTModel`` per virtual pipeline stage held by this rank (one without VPP).
+
+    ``lm_head_impl="fused"``: the per-token loss (forward with labels) comes from the fused
+    vocab-parallel log-prob kernel instead of logits + Megatron's cross-entropy (model/gpt.py).
+    """
     te = use_transformer_engine(model)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
@@ -147,9 +155,9 @@ def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size
         stage = vp_stage if vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        chunk = GPTModel(
+        chunk = KimiGPTModel(
             config=config,
-            transformer_layer_spec=block_spec(config, te, stage),
+            transformer_layer_spec=block_spec(config, te, stage, model.attention_impl),
             vocab_size=vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre,
@@ -160,6 +168,7 @@ def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size
             rotary_percent=model.rotary_percent,
             rotary_base=int(model.rotary_base) if float(model.rotary_base).is_integer() else model.rotary_base,
             vp_stage=stage,
+            lm_head_impl=lm_head_impl,
         )
         chunk.model_type = getattr(chunk, "model_type", None)
         chunks.append(chunk)

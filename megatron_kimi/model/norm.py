@@ -18,7 +18,10 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **unused):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # Same placement rule as Megatron's own layers, so a model built on a GPU is wholly on it.
+        on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization
+        device = torch.cuda.current_device() if on_gpu else "cpu"
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ for 7B-32B models), so the extra memory is ~2·T·Hkv·D per layer and the traff
 bytes in CP−1 steps); (3) the backward is autograd through a gather: dK/dV are scattered back
 to their owners by the all-gather's backward (a reduce-scatter), nothing hand-written to get wrong.
 Llama 3 trains 128k with the same all-gather CP for the same reasons. The attention call itself is
-:func:`megatron_kimi.kernels.varlen_attention.varlen_attention` (Triton on GPU, PyTorch on CPU).
+:func:`megatron_kimi.model.packed_attention.packed_attention` (Triton on GPU, PyTorch on CPU).
 
 Loss and token counts need nothing here: per-token losses are summed and the counts all-reduced
 over data-parallel × CP by Megatron (``calculate_per_token_loss``), and DDP reduces grads over DP×CP.
@@ -130,13 +130,13 @@ def _prefix_plan(cu_padded: Tuple[int, ...], cp_size: int, cp_rank: int):
 
 
 def cp_attention_thd(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, cu_padded: torch.Tensor,
-                     softmax_scale: float, group) -> torch.Tensor:
+                     softmax_scale: float, group, impl: str = "auto") -> torch.Tensor:
     """Causal packed attention of this rank's zig-zag chunks against their samples' full prefixes.
 
     q: [T/CP, Hq, D], k/v: [T/CP, Hkv, D] (this rank's rows); ``cu_padded``: the global padded
     cu_seqlens. Returns [T/CP, Hq, D].
     """
-    from megatron_kimi.kernels.varlen_attention import varlen_attention
+    from megatron_kimi.model.packed_attention import packed_attention
 
     cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
     cu = tuple(int(x) for x in cu_padded.tolist())
@@ -147,6 +147,6 @@ def cp_attention_thd(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tens
     kv_prefix = kv.index_select(0, index.to(device))
     hk = k_THD.shape[1]
     k_pre, v_pre = kv_prefix[:, :hk], kv_prefix[:, hk:]
-    out_THD, _ = varlen_attention(q_THD, k_pre, v_pre, cu_q.to(device), cu_k.to(device),
-                                  softmax_scale=softmax_scale, causal=True)
-    return out_THD
+    max_q, max_k = (int(torch.diff(c).max()) if c.numel() > 1 else 0 for c in (cu_q, cu_k))  # host tensors
+    return packed_attention(q_THD, k_pre, v_pre, cu_q.to(device), cu_k.to(device), scale=softmax_scale,
+                            max_q=max_q, max_k=max_k, impl=impl)

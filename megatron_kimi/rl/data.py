@@ -2,45 +2,58 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
 from megatron_kimi.data.chat import tokenize_conversation
 from megatron_kimi.data.chat_synth import is_heldout
+from megatron_kimi.data.jsonl import BadLines, read_jsonl
 from megatron_kimi.rl.types import Prompt
 
 _FIELDS = {"prompt", "answer", "kind", "tests", "difficulty"}
 
 
-def load_prompts(path: str | Path) -> List[Prompt]:
+# Built-in rewards that score against a reference: a prompt for them without one could only ever
+# score 0, silently, so it is a bad line.
+_NEEDS_ANSWER = ("math", "exact")
+
+
+def _parse_prompt(obj, reward: Optional[str]) -> Prompt:
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        raise ValueError("expected an object with a string field 'prompt'")
+    tests = obj.get("tests")
+    if tests is not None and not (isinstance(tests, list) and all(isinstance(t, dict) for t in tests)):
+        raise ValueError("'tests' must be a list of objects")
+    kind = obj.get("kind", "math")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"'kind' must be a reward name, got {kind!r}")
+    answer = obj.get("answer")
+    if answer is not None and (isinstance(answer, (dict, list)) or not str(answer).strip()):
+        raise ValueError(f"'answer' must be a non-empty string or number, got {answer!r}")
+    scored_by = reward or kind
+    if scored_by in _NEEDS_ANSWER and answer is None:
+        raise ValueError(f"no 'answer' (the {scored_by!r} reward compares against it)")
+    if scored_by == "code" and not tests:
+        raise ValueError("no 'tests' (the 'code' reward runs them)")
+    return Prompt(prompt=obj["prompt"], answer=None if answer is None else str(answer), kind=kind, tests=tests,
+                  difficulty=obj.get("difficulty"), metadata={k: v for k, v in obj.items() if k not in _FIELDS})
+
+
+def load_prompts(path: str | Path, on_error: str = "raise", bad: Optional[BadLines] = None,
+                 reward: Optional[str] = None) -> List[Prompt]:
+    """Prompts from a jsonl file. A bad line (malformed, non-UTF-8, truncated, no string 'prompt', no
+    'answer' for a reward that needs one, no 'tests' for code) raises ``ValueError("PATH:LINE: ...")``,
+    or with ``on_error="skip"`` is counted in ``bad``. ``reward`` is ``data.reward`` (it overrides
+    every prompt's ``kind``). A file without prompts is an error."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompts file {path} does not exist")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field 'prompt'")
-            tests = obj.get("tests")
-            if tests is not None and not (isinstance(tests, list) and all(isinstance(t, dict) for t in tests)):
-                raise ValueError(f"{path}:{lineno}: 'tests' must be a list of objects")
-            answer = obj.get("answer")
-            out.append(Prompt(
-                prompt=obj["prompt"], answer=None if answer is None else str(answer),
-                kind=str(obj.get("kind", "math")), tests=tests, difficulty=obj.get("difficulty"),
-                metadata={k: v for k, v in obj.items() if k not in _FIELDS},
-            ))
+    out = [p for _, p in read_jsonl(path, lambda obj: _parse_prompt(obj, reward), on_error, bad)]
     if not out:
-        raise ValueError(f"{path}: no prompts")
+        skipped = f", {bad.count} bad line(s) skipped" if bad is not None and bad.count else ""
+        raise ValueError(f"{path}: no prompts (empty dataset{skipped})")
     return out
 
 

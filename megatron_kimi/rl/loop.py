@@ -22,7 +22,7 @@ from megatron.core import parallel_state
 
 from megatron_kimi.rl.batching import pack_samples, reference_logprobs
 from megatron_kimi.rl.loss import group_baseline
-from megatron_kimi.rl.rewards import RewardInput, get_reward
+from megatron_kimi.rl.rewards import RewardInput, call_reward, get_reward
 from megatron_kimi.rl.shaping import length_penalty, length_penalty_active
 from megatron_kimi.rl.types import Prompt, RolloutBatch, Sample
 
@@ -37,19 +37,27 @@ class RLContext:
     pad_id: int
 
 
-def score(samples: Sequence[Sample], reward_override: str | None) -> None:
-    """Task reward per sample (grouped by reward kind, one batched call each)."""
+def score(samples: Sequence[Sample], reward_override: str | None, timeout_s: float = 300.0) -> Dict[str, int]:
+    """Task reward per sample (grouped by reward kind, one batched call each, within ``timeout_s``).
+
+    A reward that raises or hangs scores its samples 0; returns how many (``reward_errors``,
+    ``reward_timeouts``). An unknown reward name is still an error (a config mistake)."""
     by_kind: Dict[str, List[int]] = {}
     for i, s in enumerate(samples):
         by_kind.setdefault(reward_override or s.prompt.kind, []).append(i)
+    counts = {"reward_errors": 0, "reward_timeouts": 0}
     for kind, idx in by_kind.items():
         fn = get_reward(kind)
-        outs = fn([RewardInput(prompt=samples[i].prompt.prompt, response=samples[i].response,
-                               answer=samples[i].prompt.answer, kind=kind, tests=samples[i].prompt.tests,
-                               metadata=samples[i].prompt.metadata) for i in idx])
+        outs, errors, timeouts = call_reward(
+            fn, [RewardInput(prompt=samples[i].prompt.prompt, response=samples[i].response,
+                             answer=samples[i].prompt.answer, kind=kind, tests=samples[i].prompt.tests,
+                             metadata=samples[i].prompt.metadata) for i in idx], timeout_s, kind)
+        counts["reward_errors"] += errors
+        counts["reward_timeouts"] += timeouts
         for i, o in zip(idx, outs):
             samples[i].correct = bool(o.correct)
             samples[i].reward_parts = {"task": float(o.score)}
+    return counts
 
 
 def shape_rewards(batch: RolloutBatch, cfg) -> None:
@@ -68,11 +76,13 @@ def shape_rewards(batch: RolloutBatch, cfg) -> None:
             s.reward = float(sum(s.reward_parts.values()))
 
 
-def _broadcast_scores(samples: List[Sample]) -> None:
-    payload = [[(s.reward, s.correct, s.reward_parts) for s in samples]] if dist.get_rank() == 0 else [None]
+def _broadcast_scores(samples: List[Sample], counts: Dict[str, int]) -> Dict[str, int]:
+    payload = [[(s.reward, s.correct, s.reward_parts) for s in samples], counts] if dist.get_rank() == 0 \
+        else [None, None]
     dist.broadcast_object_list(payload, src=0)
     for s, (rew, ok, parts) in zip(samples, payload[0]):
         s.reward, s.correct, s.reward_parts = rew, ok, parts
+    return payload[1]
 
 
 def rl_iteration(ctx: RLContext, iteration: int, prompts: List[Prompt]) -> Dict[str, float]:
@@ -87,10 +97,11 @@ def rl_iteration(ctx: RLContext, iteration: int, prompts: List[Prompt]) -> Dict[
     t1 = time.perf_counter()
 
     # 2. Rewards (scored once, on rank 0, then shared).
+    counts: Dict[str, int] = {}
     if dist.get_rank() == 0:
-        score(samples, cfg.data.reward)
+        counts = score(samples, cfg.data.reward, cfg.rl.reward_timeout_s)
         shape_rewards(batch, cfg)
-    _broadcast_scores(samples)
+    counts = _broadcast_scores(samples, counts)
     t2 = time.perf_counter()
 
     # 3. Reference log-probs log π_θi(y|x), recomputed by the trainer.
@@ -98,10 +109,10 @@ def rl_iteration(ctx: RLContext, iteration: int, prompts: List[Prompt]) -> Dict[
     cap = cfg.training.seq_length
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
     adv = group_baseline(rewards, torch.tensor([s.prompt_index for s in samples]))
-    ref = reference_logprobs(trainer.b.model, pack_samples(samples, order, cap, ctx.pad_id, dp_rank, dp, adv),
-                             len(samples), cap)
-    for s, lp in zip(samples, ref.tolist()):
-        s.ref_logp = lp
+    ref, ref_tokens = reference_logprobs(trainer.b.model, pack_samples(samples, order, cap, ctx.pad_id, dp_rank, dp,
+                                                                       adv), samples, cap)
+    for s, lp, tok in zip(samples, ref.tolist(), ref_tokens):
+        s.ref_logp, s.ref_token_logp = lp, tok
     t3 = time.perf_counter()
 
     # 4. A few optimizer steps on the mirror-descent loss over mini-batches of the samples.
@@ -115,8 +126,10 @@ def rl_iteration(ctx: RLContext, iteration: int, prompts: List[Prompt]) -> Dict[
         steps.append(trainer.train_step(pack_samples(samples, mb.tolist(), cap, ctx.pad_id, dp_rank, dp, adv)))
         trainer.state.step += 1
     t4 = time.perf_counter()
-    return iteration_metrics(batch, steps, {"rollout": t1 - t0, "scoring": t2 - t1, "reference": t3 - t2,
-                                            "train": t4 - t3})
+    metrics = iteration_metrics(batch, steps, {"rollout": t1 - t0, "scoring": t2 - t1, "reference": t3 - t2,
+                                               "train": t4 - t3})
+    metrics.update(counts)
+    return metrics
 
 
 def reset_optimizer_state(optimizer) -> None:
@@ -146,6 +159,7 @@ def iteration_metrics(batch: RolloutBatch, steps: List[dict], times: Dict[str, f
         "loss": float(np.mean([st["loss"] for st in steps])),
         "grad_norm": float(np.mean([st["grad_norm"] for st in steps])),
         "lr": float(steps[-1]["lr"]),
+        "nan_skipped_steps": int(sum(st.get("nan_skipped", 0) for st in steps)),
         "rollout_tokens_per_s": gen_tokens / max(times["rollout"], 1e-9),
         **{f"time_{k}_s": v for k, v in times.items()},
     }
@@ -160,7 +174,7 @@ def evaluate(ctx: RLContext, prompts: List[Prompt]) -> Dict[str, float]:
     """Greedy held-out accuracy and mean response length."""
     samples = ctx.rollout(-1, prompts, True)
     if dist.get_rank() == 0:
-        score(samples, ctx.cfg.data.reward)
+        score(samples, ctx.cfg.data.reward, ctx.cfg.rl.reward_timeout_s)
     payload = [[(s.correct,) for s in samples]] if dist.get_rank() == 0 else [None]
     dist.broadcast_object_list(payload, src=0)
     correct = [c for (c,) in payload[0]]

@@ -20,12 +20,18 @@ Registered:
             line ignoring trailing whitespace and trailing blank lines.  Score = 1 only if all pass
             (``all_or_nothing=True``, the paper's choice) else the fraction passed; at most
             ``max_concurrency`` (default 2) sandbox runs at once over all samples and cases.
+            ``info["limits"]`` counts the runs in which each sandbox limit tripped (``memory``,
+            ``pids``, ``timeout``, ``network``, ``fs``, ...: ``SandboxResult.limits``).
 ``"exact"``  ``response.strip() == answer.strip()``, or the last line reads ``answer: X`` with
             ``X == answer`` (the embedded arithmetic demo): 1/0.
 ``"auto"``   dispatches each sample on its ``kind`` to the reward of that name.
 
 User rewards: ``@register_reward("name")``, or any ``"package.module:function"`` /
 ``"package.module.function"`` given to :func:`get_reward`.
+
+The RL loop calls every reward through :func:`call_reward`: a reward that raises, returns garbage or
+hangs past ``rl.reward_timeout_s`` scores 0 for the samples concerned, and the loop counts them
+(``reward_errors``, ``reward_timeouts`` in the RL metrics) instead of stopping.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ __all__ = [
     "exact_reward",
     "auto_reward",
     "shutdown_math_pool",
+    "call_reward",
 ]
 
 
@@ -361,6 +368,7 @@ def code_reward(samples: Sequence[RewardInput], *, all_or_nothing: bool = True,
     verdicts: List[List[Optional[str]]] = [[None] * len(t) for t in tests]
     failed = [False] * n
     mechanisms: List[Optional[list]] = [None] * n
+    limits: List[Dict[str, int]] = [{} for _ in range(n)]  # sandbox limit -> runs in which it tripped
     lock = threading.Lock()
 
     def job(i: int, j: int) -> None:
@@ -392,6 +400,8 @@ def code_reward(samples: Sequence[RewardInput], *, all_or_nothing: bool = True,
             with lock:
                 if mechanisms[i] is None:
                     mechanisms[i] = r.mechanisms
+                for k in r.limits:
+                    limits[i][k] = limits[i].get(k, 0) + 1
         verdicts[i][j] = v
         if v != "pass":
             failed[i] = True
@@ -406,7 +416,8 @@ def code_reward(samples: Sequence[RewardInput], *, all_or_nothing: bool = True,
     for i in range(n):
         total = len(tests[i])
         passed = sum(v == "pass" for v in verdicts[i])
-        info = {"passed": passed, "total": total, "verdicts": verdicts[i], "mechanisms": mechanisms[i]}
+        info = {"passed": passed, "total": total, "verdicts": verdicts[i], "mechanisms": mechanisms[i],
+                "limits": limits[i]}
         if total == 0:
             info["error"] = "no test cases"
             outs.append(RewardOutput(0.0, False, info))
@@ -454,3 +465,84 @@ def auto_reward(samples: Sequence[RewardInput]) -> List[RewardOutput]:
         for i, r in zip(idx, res):
             out[i] = r
     return out  # type: ignore[return-value]
+
+
+# =============================================================================================
+# calling a reward safely: a reward that raises or hangs costs its samples, never the run
+# =============================================================================================
+def _run_limited(fn: Callable, args: tuple, timeout_s: float, name: str) -> tuple:
+    """("ok", value) | ("error", message) | ("timeout", None); ``fn`` runs in a daemon thread."""
+    box: Dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - reported to the caller
+            box["error"] = f"{type(e).__name__}: {e}"[:500]
+
+    t = threading.Thread(target=target, name=f"reward-{name}", daemon=True)
+    t.start()
+    t.join(max(0.0, timeout_s))
+    if t.is_alive():
+        return "timeout", None
+    if "error" in box:
+        return "error", box["error"]
+    return "ok", box.get("value")
+
+
+def _check_output(o: object) -> Optional[str]:
+    """Why ``o`` is not a usable RewardOutput (None when it is)."""
+    score = getattr(o, "score", None)
+    try:
+        ok = score is not None and math.isfinite(float(score))
+    except (TypeError, ValueError):
+        ok = False
+    return None if ok else f"invalid reward output {o!r:.200}: needs a finite float 'score'"
+
+
+def _normalize(o: object) -> RewardOutput:
+    if isinstance(o, RewardOutput):
+        return o
+    return RewardOutput(float(o.score), bool(getattr(o, "correct", False)), dict(getattr(o, "info", None) or {}))
+
+
+def call_reward(fn: RewardFn, samples: Sequence[RewardInput], timeout_s: float,
+                name: str = "reward") -> tuple:
+    """Score ``samples`` with ``fn`` within ``timeout_s`` seconds; never raises.
+
+    Returns ``(outputs, errors, timeouts)``. Past the limit every sample scores 0 with
+    ``info["error"] = "timeout"`` (counted in ``timeouts``); the call's thread is left behind, as a
+    Python thread cannot be stopped, so a reward that can hang should also bound itself (math and code
+    do). When the call raises or returns a malformed result, each sample is scored alone, all within
+    another ``timeout_s``, so that one bad sample costs only itself; a sample that still fails scores 0
+    with ``info["error"]`` (counted in ``errors``), one not reached in time counts as a timeout.
+    """
+    n = len(samples)
+    if n == 0:
+        return [], 0, 0
+    status, value = _run_limited(fn, (list(samples),), timeout_s, name)
+    if status == "timeout":
+        return [RewardOutput(0.0, False, {"error": "timeout"}) for _ in samples], 0, n
+    if status == "ok" and isinstance(value, (list, tuple)) and len(value) == n:
+        outs, errors = [], 0
+        for o in value:
+            why = _check_output(o)
+            errors += why is not None
+            outs.append(RewardOutput(0.0, False, {"error": why}) if why else _normalize(o))
+        return outs, errors, 0
+    first = value if status == "error" else f"returned {type(value).__name__} for {n} samples, not a list of {n}"
+    outs, errors, timeouts = [], 0, 0
+    deadline = time.monotonic() + timeout_s
+    for s in samples:
+        left = deadline - time.monotonic()
+        status, value = _run_limited(fn, ([s],), left, name) if left > 0 else ("timeout", None)
+        why = (value if status == "error" else "timeout" if status == "timeout"
+               else _check_output(value[0]) if isinstance(value, (list, tuple)) and len(value) == 1
+               else f"returned {type(value).__name__} for 1 sample")
+        if why is None:
+            outs.append(_normalize(value[0]))
+            continue
+        timeouts += why == "timeout"
+        errors += why != "timeout"
+        outs.append(RewardOutput(0.0, False, {"error": why, "batch_error": first}))
+    return outs, errors, timeouts

@@ -10,8 +10,10 @@ How a run is built
 ``parent (trainer) --Popen(start_new_session)--> [wrapper] --> bootstrap (python -I -S -c ...)
 --fork--> program``.  The *wrapper* creates namespaces (``bwrap`` or ``unshare``; none in the
 ``"none"`` backend).  The *bootstrap* is a small Python script (passed with ``-c``; no file the
-program could tamper with) that finishes the setup (as root when the trainer is root), forks, and in the child sets the
-rlimits, drops privileges and ``execve``\\ s the program; the parent half waits for the program and
+program could tamper with; :mod:`megatron_kimi.rl.sandbox_bootstrap`) that finishes the setup (as root
+when the trainer is root), forks, and in the child joins the run's cgroup, sets the rlimits, drops
+privileges and ``execve``\\ s ``python -I -S -c PRELUDE`` (an audit hook that counts refused network
+and filesystem attempts, then ``main.py`` as ``__main__``); the parent half waits for the program and
 reports its wait status and CPU time through a pipe that the program never holds (close-on-exec).
 No ``preexec_fn`` is used, so calling from threads is safe.
 
@@ -30,6 +32,36 @@ variable ``MEGATRON_KIMI_SANDBOX_BACKEND`` or the ``backend=`` argument can forc
     ``/``, ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/sys`` and the repository are read-only; device
     nodes like ``/dev/null`` stay usable), then mounts a size-limited tmpfs on the work directory.
 ``"none"``: no namespaces (documented best effort, see below).
+
+Limits per sandbox (cgroups)
+----------------------------
+Where :func:`cgroup_support` finds writable cgroups (:mod:`megatron_kimi.rl.sandbox_cgroup`: cgroup v2
+with the memory and pids controllers, else cgroup v1 memory + pids hierarchies, e.g. root on a hybrid
+host), every run gets its own cgroup, joined by the program's first process before it drops
+privileges: ``memory_mb`` + 64 MiB is the budget of **all** its processes together (page cache and
+the tmpfs work directory included, no swap; the OOM killer acts inside the cgroup only; the 64 MiB
+let one process meet its ``RLIMIT_AS`` of ``memory_mb`` first), ``max_procs`` the
+number of its processes and threads (``pids.max``; ``RLIMIT_NPROC`` stays as a backstop 8 above it),
+and a wall timeout kills the whole cgroup (``cgroup.kill``).  Afterwards the cgroup must be empty; it
+is removed.  ``cgroup="off"`` (or ``MEGATRON_KIMI_SANDBOX_CGROUP=off``) forces the fallback,
+``"require"`` fails instead of falling back.
+
+**Fallback** (no writable cgroups, e.g. a non-root user without a delegated cgroup): the per-process
+rlimits below only.  Then the bound on the sandbox's memory is ``memory_mb`` of address space per
+process times ``max_procs`` processes (``RLIMIT_AS`` x ``RLIMIT_NPROC``, per uid: as root each run has
+its own uid), not ``memory_mb``; ``mechanisms`` says ``memory:per-process-RLIMIT_AS(no-cgroup)``.
+
+Status and counts
+-----------------
+``SandboxResult.limits`` counts how often each limit tripped: ``memory`` (OOM kills in the cgroup +
+uncaught ``MemoryError`` tracebacks on stderr), ``pids`` (forks refused: ``pids.events``, or in the
+fallback the ``os.fork`` failures seen by the audit prelude), ``network`` and ``fs`` (attempts to
+connect/resolve, or to write/create/remove outside the work directory, counted by an audit hook that
+runs before ``main.py``: :mod:`megatron_kimi.rl.sandbox_bootstrap`; the kernel-side isolation
+refuses them, the hook only counts), and ``timeout`` / ``cpu`` / ``output`` / ``file_size`` (the kill
+reason).  ``SandboxResult.status`` is the first that tripped in the order of :data:`STATUSES`
+(``memory``, ``pids``, ``timeout``, ``cpu``, ``output``, ``file_size``, ``network``, ``fs``), else
+``exit`` (non-zero exit or a signal), ``ok`` or ``sandbox_error``.
 
 The interpreter is the first of ``$MEGATRON_KIMI_SANDBOX_PYTHON``, the trainer's own python,
 ``/usr/bin/python3``, ``/usr/local/bin/python3`` that the sandbox uid can execute (as root, a pyenv
@@ -78,9 +110,13 @@ Best effort / not enforced
   both the process group and the subreaper's 2 s sweep can survive).
 * Reading: the program can read whatever is world-readable on the host (bwrap and unshare expose
   the host filesystem read-only; nothing secret should be world-readable).
-* Memory: ``RLIMIT_AS`` limits address space per process, not the sum over ``max_procs``
-  processes; tmpfs pages (``disk_mb``) are RAM too.  No cgroups are used.
-* ``killed_reason="memory_limit"`` is inferred (a non-zero exit with ``MemoryError`` on stderr);
+* Memory without cgroups: ``RLIMIT_AS`` limits address space per process, not the sum over
+  ``max_procs`` processes; tmpfs pages (``disk_mb``) are RAM too.
+* Counting ``network`` / ``fs`` / fallback ``pids`` covers the program's Python process and its
+  forks (the audit hook), not other executables it starts, and a program can close the fd it
+  reports on: accounting, not enforcement.
+* ``killed_reason="memory_limit"`` is inferred (a SIGKILL while the cgroup counted an OOM kill, or a
+  non-zero exit with ``MemoryError`` on stderr);
   ``"cpu_limit"`` from SIGXCPU or a SIGKILL after ``cpu_s`` of CPU.
 * The ``mechanisms`` list of every result says what was actually applied.
 """
@@ -103,15 +139,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from megatron_kimi.rl import sandbox_cgroup
+from megatron_kimi.rl.sandbox_bootstrap import BOOTSTRAP as _BOOTSTRAP
+from megatron_kimi.rl.sandbox_bootstrap import PRELUDE as _PRELUDE
+
 __all__ = [
     "SandboxResult",
     "run_sandboxed",
     "run_sandboxed_many",
     "available_backends",
+    "cgroup_support",
     "BACKENDS",
 ]
 
 BACKENDS = ("bwrap", "unshare", "none")
+STATUSES = ("sandbox_error", "memory", "pids", "timeout", "cpu", "output", "file_size", "network", "fs",
+            "exit", "ok")
+_CGROUP_HEADROOM_MB = 64
+_REASON_LIMIT = {"wall_timeout": "timeout", "cpu_limit": "cpu", "memory_limit": "memory",
+                 "output_limit": "output", "file_size_limit": "file_size"}
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -126,135 +172,16 @@ class SandboxResult:
     mechanisms: list[str] = field(default_factory=list)
     cpu_s: float | None = None
     error: str | None = None  # sandbox setup failure (not the program's fault)
+    # how often each limit tripped: memory (OOM kills / MemoryError), pids (forks refused),
+    # network / fs (attempts counted by the audit hook), timeout, cpu, output, file_size
+    limits: dict[str, int] = field(default_factory=dict)
+    # the first limit that tripped (in the order of STATUSES), else "ok" / "exit" (non-zero exit
+    # or signal) / "sandbox_error"
+    status: str = "ok"
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out and self.killed_reason is None
-
-
-# --------------------------------------------------------------------------------------------
-# The bootstrap: runs inside the wrapper, as root when the trainer is root.
-# --------------------------------------------------------------------------------------------
-_BOOTSTRAP = r"""
-import json, os, re, sys
-cfg = json.loads(sys.argv[1])
-sfd = cfg["status_fd"]
-def report(**kw):
-    try:
-        os.write(sfd, (json.dumps(kw) + "\n").encode())
-    except OSError:
-        pass
-W, uid, gid = cfg["workdir"], cfg["uid"], cfg["gid"]
-try:
-    if cfg["remount"]:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-        def mount(src, tgt, fstype, flags, data):
-            enc = lambda s: None if s is None else os.fsencode(s)
-            if libc.mount(enc(src), enc(tgt), enc(fstype), flags, enc(data)) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, os.strerror(e), tgt)
-        keep = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
-        points = []
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
-                points.append((mp, parts[5].split(",")))
-        n_ro = 0
-        for mp, opts in points:
-            if mp == "/proc" or mp.startswith("/proc/") or mp in ("/dev", "/dev/pts"):
-                continue
-            flags = 4096 | 32 | 1  # MS_BIND | MS_REMOUNT | MS_RDONLY
-            for o in opts:
-                flags |= keep.get(o, 0)
-            try:
-                mount(None, mp, None, flags, None)
-                n_ro += 1
-            except OSError:
-                if mp == "/":
-                    raise
-        owner = "" if uid is None else ",uid=%d,gid=%d" % (uid, gid)
-        mount("tmpfs", W, "tmpfs", 2 | 4, "size=%d,mode=0700%s" % (cfg["disk_bytes"], owner))
-        report(remounted_ro=n_ro)
-    elif cfg["chown_workdir"] and uid is not None:
-        os.chown(W, uid, gid)
-        os.chmod(W, 0o700)
-    with open(cfg["code_path"], "rb") as f:
-        code = f.read()
-    os.set_inheritable(sfd, False)
-except BaseException as e:
-    report(error="bootstrap: %r" % (e,))
-    os._exit(125)
-if cfg["reap"]:
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except Exception:
-        pass
-pid = os.fork()
-if pid == 0:
-    try:
-        os.setpgid(0, 0)
-        fd = os.open(cfg["stdin_path"], os.O_RDONLY)
-        os.dup2(fd, 0)
-        os.close(fd)
-        import resource
-        for name, soft, hard in cfg["rlimits"]:
-            resource.setrlimit(getattr(resource, name), (soft, hard))
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-        try:
-            import ctypes
-            if ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0) == 0:  # PR_SET_NO_NEW_PRIVS
-                report(no_new_privs=True)
-        except Exception:
-            pass
-        os.chdir(W)
-        with open("main.py", "wb") as f:
-            f.write(code)
-        os.execve(cfg["python"], [cfg["python"], "-I", "-S", "main.py"], cfg["env"])
-    except BaseException as e:
-        report(error="child setup: %r" % (e,))
-        os._exit(126)
-report(child_pid=pid)
-while True:
-    try:
-        _, status, ru = os.wait4(pid, 0)
-        break
-    except InterruptedError:
-        continue
-report(status=status, cpu=ru.ru_utime + ru.ru_stime, maxrss_kb=ru.ru_maxrss)
-if cfg["reap"]:  # no PID namespace: kill and reap whatever the program left behind
-    import time
-    if uid is not None:
-        if os.fork() == 0:
-            try:
-                os.setgroups([]); os.setgid(gid); os.setuid(uid)
-                os.kill(-1, 9)  # every process of the sandbox uid, in one system call
-            except BaseException:
-                pass
-            os._exit(0)
-    me, deadline = str(os.getpid()), time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        if uid is None:  # same uid as the trainer: kill only our (adopted) children
-            for d in os.listdir("/proc"):
-                try:
-                    with open("/proc/%s/stat" % d) as f:
-                        if f.read().rsplit(")", 1)[1].split()[1] == me:
-                            os.kill(int(d), 9)
-                except (OSError, IndexError, ValueError):
-                    pass
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                time.sleep(0.005)
-        except ChildProcessError:
-            break
-os._exit(0)
-"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,12 +412,47 @@ def _probe(backend: str) -> tuple[bool, str]:
                 try:
                     r = _run(backend, "print('ok')", "", timeout_s=30.0, cpu_s=10, memory_mb=512,
                              max_procs=64, max_output_bytes=4096, max_file_mb=1, max_open_files=64,
-                             disk_mb=4, network=False)
+                             disk_mb=4, network=False, use_cgroup=False)
                     good = r.ok and r.stdout == "ok\n"
                     _PROBED[backend] = (good, "" if good else f"probe failed: {r.error or r.stderr[-500:]!r}")
                 except Exception as e:  # noqa: BLE001
                     _PROBED[backend] = (False, f"probe raised {e!r}")
         return _PROBED[backend]
+
+
+def cgroup_support() -> tuple[str | None, str]:
+    """("v2" | "v1" | None, why not): whether runs get per-sandbox cgroups here (probed once)."""
+    return sandbox_cgroup.probe()
+
+
+_CG_LOCK = threading.Lock()
+_CG_WORKS: dict[str, tuple[bool, str]] = {}
+
+
+def _use_cgroup(cgroup: str, backend: str) -> bool:
+    cgroup = os.environ.get("MEGATRON_KIMI_SANDBOX_CGROUP", "auto") if cgroup == "auto" else cgroup
+    if cgroup not in ("auto", "off", "require"):
+        raise ValueError(f"sandbox: cgroup must be 'auto', 'off' or 'require', got {cgroup!r}")
+    if cgroup == "off":
+        return False
+    layout, why = sandbox_cgroup.probe()
+    if layout is not None:
+        with _CG_LOCK:  # joining can still fail inside a backend (say a user namespace): try once
+            if backend not in _CG_WORKS:
+                try:
+                    r = _run(backend, "print('ok')", "", timeout_s=30.0, cpu_s=10, memory_mb=512,
+                             max_procs=64, max_output_bytes=4096, max_file_mb=1, max_open_files=64,
+                             disk_mb=4, network=False, use_cgroup=True)
+                    good = r.ok and r.stdout == "ok\n"
+                    _CG_WORKS[backend] = (good, "" if good else f"{backend}: {r.error or r.stderr[-300:]!r}")
+                except Exception as e:  # noqa: BLE001
+                    _CG_WORKS[backend] = (False, f"{backend}: {e!r}")
+            good, trial_why = _CG_WORKS[backend]
+        if not good:
+            layout, why = None, trial_why
+    if layout is None and cgroup == "require":
+        raise RuntimeError(f"sandbox: cgroups required but unavailable: {why}")
+    return layout is not None
 
 
 def available_backends() -> list[str]:
@@ -530,12 +492,19 @@ def run_sandboxed(
     disk_mb: int = 64,
     network: bool = False,
     backend: str = "auto",
+    cgroup: str = "auto",
 ) -> SandboxResult:
-    """Run ``code`` with ``python3 -I -S`` in a sandbox, feeding ``stdin``; see the module doc."""
-    return _run(_resolve_backend(backend), code, stdin, timeout_s=timeout_s, cpu_s=cpu_s,
+    """Run ``code`` with ``python3 -I -S`` in a sandbox, feeding ``stdin``; see the module doc.
+
+    ``cgroup``: ``"auto"`` (per-sandbox memory/pids cgroup when :func:`cgroup_support` finds one,
+    else the rlimit fallback; env ``MEGATRON_KIMI_SANDBOX_CGROUP`` overrides), ``"off"``, ``"require"``.
+    """
+    backend = _resolve_backend(backend)
+    use_cgroup = _use_cgroup(cgroup, backend)
+    return _run(backend, code, stdin, timeout_s=timeout_s, cpu_s=cpu_s,
                 memory_mb=memory_mb, max_procs=max_procs, max_output_bytes=max_output_bytes,
                 max_file_mb=max_file_mb, max_open_files=max_open_files, disk_mb=disk_mb,
-                network=network)
+                network=network, use_cgroup=use_cgroup)
 
 
 def run_sandboxed_many(jobs: Sequence[tuple[str, str]], *, max_concurrency: int = 2,
@@ -550,7 +519,7 @@ def run_sandboxed_many(jobs: Sequence[tuple[str, str]], *, max_concurrency: int 
 
 def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, memory_mb: int,
          max_procs: int, max_output_bytes: int, max_file_mb: int, max_open_files: int,
-         disk_mb: int, network: bool) -> SandboxResult:
+         disk_mb: int, network: bool, use_cgroup: bool) -> SandboxResult:
     is_root = os.geteuid() == 0
     python = _pick_python(drop_uid=is_root)
     mech: list[str] = [f"backend:{backend}", "tmpdir", "env-scrubbed", "python-isolated(-I -S)",
@@ -561,9 +530,10 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
         uid, exclusive = _UIDS.acquire()
         gid = uid
         mech.append(f"uid:{uid}" + ("" if exclusive else "(shared)"))
-    nproc = max_procs
+    # with a cgroup, pids.max is the limit (and counts refusals); RLIMIT_NPROC only backs it up
+    nproc = max_procs + (8 if use_cgroup else 0)
     if not is_root and backend != "bwrap":
-        nproc = _count_own_tasks() + max_procs
+        nproc = _count_own_tasks() + nproc
         mech.append("nproc:relative-to-user(best-effort)")
     rlimits = [
         ("RLIMIT_CPU", int(cpu_s), int(cpu_s) + 1),
@@ -577,10 +547,22 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
 
     ctl = tempfile.mkdtemp(prefix="mk_sbx_ctl_")  # root/user-only: program source and stdin
     work = tempfile.mkdtemp(prefix="mk_sbx_")
-    status_r = status_w = None
+    status_r = status_w = audit_r = audit_w = None
+    cg: sandbox_cgroup.RunCgroup | None = None
+    cg_fds: list[int] = []
     proc = None
     t0 = time.monotonic()
     try:
+        if use_cgroup:
+            # the budget is for the whole sandbox: every process, page cache and tmpfs files; the
+            # headroom keeps a single process (RLIMIT_AS = memory_mb, address space >= resident)
+            # failing fast with MemoryError instead of thrashing the interpreter's own file pages
+            # out of the cgroup just below the limit
+            cg = sandbox_cgroup.RunCgroup((memory_mb + _CGROUP_HEADROOM_MB) << 20, max_procs)
+            cg_fds = cg.open_procs_fds()
+            mech += cg.mechanisms
+        else:
+            mech.append("memory:per-process-RLIMIT_AS(no-cgroup)")
         code_path, stdin_path = os.path.join(ctl, "main.py"), os.path.join(ctl, "stdin")
         with open(code_path, "w", encoding="utf-8") as f:
             f.write(code)
@@ -591,16 +573,21 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
             os.chmod(work, 0o700)
         env = {"PATH": _PATH, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         status_r, status_w = os.pipe()
+        audit_r, audit_w = os.pipe()
         cfg = {
             "status_fd": status_w, "workdir": work, "uid": uid, "gid": gid, "python": python,
             "code_path": code_path, "stdin_path": stdin_path, "rlimits": rlimits, "env": env,
             "remount": backend == "unshare", "chown_workdir": backend == "bwrap",
             "disk_bytes": disk_mb << 20, "reap": backend == "none",
+            "cgroup_fds": cg_fds, "audit_fd": audit_w, "prelude": _PRELUDE,
         }
         boot = [python, "-I", "-S", "-c", _BOOTSTRAP, json.dumps(cfg)]
         if backend == "bwrap":
-            wrap = ["bwrap", "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-                    "--unshare-cgroup-try"]
+            wrap = ["bwrap", "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+            if cg is None:
+                # a cgroup namespace rooted at the trainer's cgroup could forbid joining the run's
+                # cgroup when the trainer sits in a leaf beside it (v2); /sys is read-only anyway
+                wrap.append("--unshare-cgroup-try")
             if not is_root:
                 wrap.append("--unshare-user")
             if not network:
@@ -625,17 +612,21 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
                     ("netns" if backend != "none" else "network:NOT-isolated"))
         proc = subprocess.Popen(
             wrap + boot, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=work, env=env, start_new_session=True, pass_fds=(status_w,), close_fds=True)
-        os.close(status_w)
-        status_w = None
+            cwd=work, env=env, start_new_session=True, pass_fds=(status_w, audit_w, *cg_fds),
+            close_fds=True)
+        for fd in [status_w, audit_w, *cg_fds]:
+            os.close(fd)
+        status_w = audit_w = None
+        cg_fds = []
 
         timed_out = False
         killed_reason: str | None = None
-        bufs = {"stdout": bytearray(), "stderr": bytearray(), "status": bytearray()}
+        bufs = {"stdout": bytearray(), "stderr": bytearray(), "status": bytearray(), "audit": bytearray()}
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
         sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
         sel.register(status_r, selectors.EVENT_READ, "status")
+        sel.register(audit_r, selectors.EVENT_READ, "audit")
         deadline = t0 + timeout_s
         exited_at: float | None = None
         killed = False
@@ -645,11 +636,16 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
             if killed:
                 return
             killed = True
+            # the whole sandbox at once, whatever process group or session it made; nothing can
+            # leave its cgroup, so an empty one means the program is gone
+            cg_empty = cg is not None and cg.kill()
             if backend == "none" and not _exited(proc.pid):
                 # Kill the program but let the bootstrap (a subreaper) sweep and reap the rest:
                 # orphans of a killed bootstrap would be left to PID 1 as zombies that still count
                 # against the uid's RLIMIT_NPROC.
-                if uid is not None:
+                if cg_empty:
+                    pass
+                elif uid is not None:
                     _kill_uid(python, uid, gid)
                 else:
                     st = _parse_status(bufs["status"])
@@ -688,7 +684,9 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
                         sel.unregister(key.fileobj)
                         continue
                     buf = bufs[key.data]
-                    if key.data != "status" and len(buf) + len(data) > max_output_bytes:
+                    if key.data == "audit":  # written by the program: bounded, never fatal
+                        buf += data[: max(0, 65536 - len(buf))]
+                    elif key.data != "status" and len(buf) + len(data) > max_output_bytes:
                         buf += data[: max_output_bytes - len(buf)]
                         if killed_reason is None:
                             killed_reason = "output_limit"
@@ -715,10 +713,24 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
         else:
             exit_code = proc.returncode
         error = "; ".join(errors) or None
+        limits: dict[str, int] = {}
+        for line in bytes(bufs["audit"]).decode("utf-8", "replace").splitlines():
+            kind = line.partition("\t")[0]
+            if kind in ("network", "fs", "pids"):
+                limits[kind] = limits.get(kind, 0) + 1
+        if cg is not None:
+            cg.kill()
+            limits.update({k: v for k, v in cg.counts().items() if v})
+        # uncaught MemoryErrors (RLIMIT_AS) of any of the run's processes: their tracebacks' last line
+        n_memerr = sum(ln == "MemoryError" or ln.startswith("MemoryError:") for ln in stderr.splitlines())
+        if n_memerr:
+            limits["memory"] = limits.get("memory", 0) + n_memerr
         if killed_reason is None:
             sig = -exit_code if exit_code is not None and exit_code < 0 else None
             if error and status is None:
                 killed_reason = "sandbox_error"
+            elif sig == signal.SIGKILL and limits.get("memory"):
+                killed_reason = "memory_limit"  # the cgroup's OOM killer
             elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu is not None
                                            and cpu >= cpu_s - 0.1):
                 killed_reason = "cpu_limit"
@@ -731,12 +743,19 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
                     killed_reason = f"signal:{sig}"
             elif exit_code not in (0, None) and "MemoryError" in stderr[-4000:]:
                 killed_reason = "memory_limit"
+        if killed_reason in _REASON_LIMIT:
+            lim = _REASON_LIMIT[killed_reason]
+            limits[lim] = max(1, limits.get(lim, 0))
+        if killed_reason == "sandbox_error":
+            run_status = "sandbox_error"
+        else:
+            run_status = next((k for k in STATUSES if limits.get(k)), "exit" if exit_code != 0 else "ok")
         return SandboxResult(
             stdout=bytes(bufs["stdout"]).decode("utf-8", "replace"), stderr=stderr,
             exit_code=exit_code, timed_out=timed_out, killed_reason=killed_reason, wall_s=wall,
-            mechanisms=mech, cpu_s=cpu, error=error)
+            mechanisms=mech, cpu_s=cpu, error=error, limits=limits, status=run_status)
     finally:
-        for fd in (status_r, status_w):
+        for fd in (status_r, status_w, audit_r, audit_w, *cg_fds):
             if fd is not None:
                 try:
                     os.close(fd)
@@ -746,6 +765,9 @@ def _run(backend: str, code: str, stdin: str, *, timeout_s: float, cpu_s: int, m
             for s in (proc.stdout, proc.stderr):
                 if s is not None:
                     s.close()
+        if cg is not None and not cg.remove():
+            # a process that would not die keeps its uid out of the pool (see _uids_in_use)
+            mech.append("cgroup:NOT-EMPTY-after-kill")
         shutil.rmtree(ctl, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
         if uid is not None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -34,6 +37,8 @@ class Sample:
     correct: bool = False
     ref_logp: Optional[float] = None  # log π_θi(y|x), recomputed by the trainer at the iteration start
     entropy: Optional[float] = None  # mean per-token entropy of the sampling distribution
+    # log π_θi per loss token (fp32 [tokens]; the per-token log-ratios of the packed mirror-descent kernel)
+    ref_token_logp: Optional[torch.Tensor] = None
 
     @property
     def response_length(self) -> int:

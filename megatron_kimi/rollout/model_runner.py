@@ -28,6 +28,7 @@ Token layout: the runner works on flat token rows ``[T, hidden]`` (no sequence/b
 
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Sequence
 
 import torch
@@ -41,6 +42,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 
 from megatron_kimi.model.norm import RMSNorm
+from megatron_kimi.model.packed_attention import packed_attention
 from megatron_kimi.rollout.kv_cache import SlotKVCache
 
 
@@ -150,6 +152,8 @@ class MegatronRunner:
         if decode_attention == "auto":
             decode_attention = "bmm" if self.device.type == "cpu" else "sdpa"
         self.decode_attention = decode_attention
+        # Prefill follows the model's own packed-attention choice (model.attention_impl).
+        self.prefill_attention = getattr(attn0.core_attention, "impl", "auto")
         # CPU GEMM with few rows: ``W @ x.T`` streams the [out, in] weight as it lies, while
         # ``x @ W.T`` (F.linear) repacks it on every call -- up to 2x slower for the handful of rows of
         # a decode step. Same weights, same dot products (only the blocking / rounding may differ).
@@ -296,11 +300,7 @@ class MegatronRunner:
         if self.rot:
             cos = self.cos[pos].view(T, 1, 1, self.rot)
             sin = self.sin[pos].view(T, 1, 1, self.rot)
-        mask = None
-        if K > 1:
-            ar = torch.arange(P, device=dev)
-            mask = (ar[None, :] <= ar[:, None])[None] & (ar[None, None, :] < lens_t[:, None, None])
-            mask = mask.unsqueeze(1)  # [K, 1, P(q), P(k)]
+        cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
         x = self.embed(ids, pos)
         hq, d = self.heads, self.head_dim
         for li, lay in enumerate(self.layers):
@@ -310,19 +310,10 @@ class MegatronRunner:
             kc[slot, :, pos] = qk[:, :, self.per]
             vc[slot, :, pos] = qkv[:, :, self.per + 1]
             q = qk[:, :, : self.per].reshape(T, hq, d)
-            if K == 1:
-                o = F.scaled_dot_product_attention(
-                    q.transpose(0, 1).unsqueeze(0), kc[slot0:slot0 + 1, :, :T], vc[slot0:slot0 + 1, :, :T],
-                    is_causal=True, scale=self.scale, enable_gqa=self.per > 1)
-                attn = o[0].transpose(0, 1).reshape(T, hq * d)
-            else:
-                qpad = q.new_zeros(K, P, hq, d)
-                qpad[seq, pos] = q
-                o = F.scaled_dot_product_attention(
-                    qpad.transpose(1, 2), kc[slot0:slot0 + K, :, :P], vc[slot0:slot0 + K, :, :P],
-                    attn_mask=mask, scale=self.scale, enable_gqa=self.per > 1)
-                attn = o.transpose(1, 2)[seq, pos].reshape(T, hq * d)
-            x = self._mlp_block(lay, x, attn)
+            # The prompts are packed (THD): the same attention dispatch as the trainer's packed batches.
+            o = packed_attention(q, qk[:, :, self.per], qkv[:, :, self.per + 1], cu, scale=self.scale, max_q=P,
+                                 impl=self.prefill_attention)
+            x = self._mlp_block(lay, x, o.reshape(T, hq * d))
         return self.logits(x[starts + lens_t - 1])
 
     def decode(self, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor, max_len: int) -> torch.Tensor:

@@ -25,8 +25,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_kimi.ckpt_tools.inspect import verify as verify_files
 from megatron_kimi.megatron_fixes import dist_optimizer_checkpoint as optim_fix
 from megatron_kimi.model.sharding import unwrap
 from megatron_kimi.training.ckpt_paths import LATEST, CheckpointError, iter_dir_name, resolve  # noqa: F401
@@ -192,6 +195,37 @@ def read_common(ckpt_dir: str | Path) -> dict:
         raise CheckpointError(f"{ckpt_dir}: not a readable checkpoint ({type(e).__name__}: {e})") from e
 
 
+def _sharded_tensors(tree) -> List[ShardedTensor]:
+    out = []
+    for v in nested_values(tree):
+        if isinstance(v, ShardedTensorFactory):
+            out += _sharded_tensors(v.build())
+        elif isinstance(v, ShardedTensor):
+            out.append(v)
+    return out
+
+
+def check_model_shapes(ckpt_dir: Path, sd: dict, index) -> None:
+    """:class:`CheckpointError` unless every model tensor is in the checkpoint with the same global shape."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    problems = []
+    for part in sorted(k for k in sd if k == "model" or (k.startswith("model") and k[5:].isdigit())):
+        for sh in _sharded_tensors(sd[part]):
+            saved = index.state_dict_metadata.get(sh.key)
+            if not isinstance(saved, TensorStorageMetadata):
+                problems.append(f"tensor {sh.key!r} is not in the checkpoint")
+            elif tuple(saved.size) != tuple(sh.global_shape):
+                problems.append(f"tensor {sh.key!r} has shape {tuple(saved.size)} in the checkpoint, this model "
+                                f"expects {tuple(sh.global_shape)}")
+    if problems:
+        problems = sorted(set(problems))
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{ckpt_dir}: a checkpoint of another model: {'; '.join(problems[:3])}{more}. "
+                              "Compare the model.* settings with the checkpoint's config "
+                              "(tools/inspect_checkpoint.py)")
+
+
 def load(
     ckpt_dir: str | Path,
     chunks: List,
@@ -199,8 +233,13 @@ def load(
     scheduler=None,
     strict: bool = True,
 ) -> dict:
-    """Load into ``chunks`` (and optimizer/scheduler if given); returns the saved train_state."""
+    """Load into ``chunks`` (and optimizer/scheduler if given); returns the saved train_state.
+
+    Before any rank reads a tensor, the files are checked (a missing or truncated shard, index or
+    common.pt is a :class:`CheckpointError` naming the file) and so are the model's tensor keys and
+    global shapes against the index (another model's checkpoint names the tensor and both shapes)."""
     ckpt_dir = Path(ckpt_dir)
+    index, _, _ = verify_files(ckpt_dir)
     common = read_common(ckpt_dir)
     same_layout = common.get("layout") == layout()
     if optimizer is not None:
@@ -222,10 +261,11 @@ def load(
     sd.pop("optimizer_kind", None)
     if scheduler is not None:
         sd.pop("scheduler")
+    check_model_shapes(ckpt_dir, sd, index)
     try:
         loaded = dist_checkpointing.load(sd, str(ckpt_dir), strict="assume_ok_unexpected")
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{ckpt_dir}: failed to load ({type(e).__name__}: {e})") from e
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        raise CheckpointError(f"{ckpt_dir}: failed to load ({type(e).__name__}: {e})") from None
     if len(chunks) == 1:
         unwrap(chunks[0]).load_state_dict(loaded["model"], strict=strict)
     else:

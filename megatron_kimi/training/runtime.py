@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from megatron_kimi.config import TrainConfig, validate_layout
+from megatron_kimi.config import RLConfig, TrainConfig, validate_layout
 from megatron_kimi.model.builder import (
     build_model_chunks,
     padded_vocab_size,
@@ -85,11 +85,16 @@ class ModelBundle:
     vocab_size: int  # padded
 
 
+def lm_head_impl(cfg) -> str:
+    """How the per-token loss is computed: ``rl.logprob_impl`` for RL, else ``training.lm_loss_impl``."""
+    return cfg.rl.logprob_impl if isinstance(cfg, RLConfig) else cfg.training.lm_loss_impl
+
+
 def build_training_bundle(cfg: TrainConfig, vocab_size: int, total_steps: int) -> ModelBundle:
     m = cfg.model
     tf_config = transformer_config(m, cfg.parallel, cfg.precision, cfg.recompute)
     padded = padded_vocab_size(m.vocab_size or vocab_size, m.make_vocab_size_divisible_by, cfg.parallel.tensor)
-    chunks = build_model_chunks(m, tf_config, padded)
+    chunks = build_model_chunks(m, tf_config, padded, lm_head_impl(cfg))
     init_weights(chunks, seed=cfg.training.seed, std=m.init_method_std, num_layers=m.num_layers)
     model = wrap_for_training(chunks, tf_config, cfg.parallel, cfg.precision)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.parallel, cfg.precision)

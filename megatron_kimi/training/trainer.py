@@ -8,6 +8,7 @@ data position is a number that checkpoints and resumes exactly.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_kimi.platform import preemption
 from megatron_kimi.training import checkpoint as ckpt
 from megatron_kimi.training.lm_step import reduce_reports
 from megatron_kimi.training.metrics import MetricsWriter, peak_memory_mb
@@ -39,6 +41,7 @@ class TrainState:
     consumed_tokens: int = 0
     iteration: int = 0  # RL iterations done
     stage: int = 0  # multi-stage schedules (sft): consumed_samples counts within the stage
+    nan_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
 
 
 def _device() -> torch.device:
@@ -58,6 +61,29 @@ def global_report(reports: list, key: str = "lm_loss") -> List[float]:
     return [float(x) for x in t]
 
 
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
+
+
+def _any_nonfinite_grad(chunks) -> bool:
+    """True on every rank when any rank holds a NaN/inf gradient (a world all-reduce).
+
+    The local grad buffers are checked whole, also the parts a reduce-scatter did not reduce into
+    this rank: a non-finite partial gradient makes the reduced one non-finite too."""
+    bad = torch.zeros(1, device=_device())
+    for chunk in chunks:
+        buffers = getattr(chunk, "buffers", None)
+        if buffers is not None:
+            grads = [buf.grad_data for buf in buffers + list(getattr(chunk, "expert_parallel_buffers", []))]
+        else:
+            grads = [getattr(p, "main_grad", p.grad) for p in chunk.parameters()]
+        if any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
+            bad.fill_(1.0)
+            break
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
 class Trainer:
     def __init__(
         self,
@@ -66,8 +92,11 @@ class Trainer:
         seq_length: int,
         micro_batch_size: int,
         loss_key: str = "lm_loss",
+        max_consecutive_nan_steps: int = 5,
     ):
         self.b = bundle
+        self.max_consecutive_nan_steps = max_consecutive_nan_steps
+        self.nan_streak = 0  # non-finite steps in a row, up to now
         self.forward_step_func = forward_step_func
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
@@ -96,17 +125,37 @@ class Trainer:
             micro_batch_size=self.micro_batch_size,
             forward_only=False,
         )
-        ok, grad_norm, _ = b.optimizer.step()
         report = global_report(reports, self.loss_key)
         loss_sum, tokens = report[0], report[1]
-        return {
+        # Like Megatron's check_for_nan_in_loss_and_grad, but a NaN/inf step is skipped (no parameter,
+        # optimizer-state or LR-schedule change) and counted; only a streak of them stops the run.
+        nonfinite = not math.isfinite(loss_sum) or _any_nonfinite_grad(b.model)
+        if nonfinite:
+            b.scheduler.step(increment=-1)
+            ok, grad_norm = False, None
+            self.nan_streak += 1
+            self.state.nan_steps += 1
+        else:
+            ok, grad_norm, _ = b.optimizer.step()
+            self.nan_streak = 0
+        metrics = {
             "report": report,
             "loss": loss_sum / max(tokens, 1.0),
             "lr": float(lr),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "loss_tokens": tokens,
             "skipped": 0 if ok else 1,
+            "nan_skipped": int(nonfinite),
+            "nan_steps": self.state.nan_steps,
         }
+        if self.nan_streak >= self.max_consecutive_nan_steps:
+            raise NonFiniteLossError(
+                f"{self.nan_streak} optimizer steps in a row had a non-finite loss or gradient (step "
+                f"{self.state.step + 1}: loss {metrics['loss']}); each was skipped, and "
+                f"training.max_consecutive_nan_steps={self.max_consecutive_nan_steps} stops the run here. "
+                f"The last was the global batch at consumed_samples={self.state.consumed_samples}: check the "
+                "data there and the learning rate")
+        return metrics
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(
@@ -141,8 +190,9 @@ class Trainer:
             history.append(record)
             stop = should_stop()
             if (save_interval and s.step % save_interval == 0) or stop or (save_at_end and s.step == total_steps):
-                self.save(ckpt_root, keep_last, extra_state)
+                saved = self.save(ckpt_root, keep_last, extra_state)
             if stop:
+                preemption.confirm_saved(saved, s.step)
                 writer.print(f"stopping at step {s.step} (preemption requested); checkpoint saved")
                 self.stopped = True
                 break

@@ -42,6 +42,28 @@ def test_shipped_128k_configs_fit_on_h100(config, nodes, tmp_path):
     assert no_recompute.returncode == 1 and "DOES NOT FIT" in no_recompute.stdout  # 128k needs recompute
 
 
+def test_default_world_is_the_smallest_that_holds_the_layout(tmp_path):
+    """Without --world/--nodes the 32B config (tp 8 x cp 4 = 32) plans on 4 nodes, not one (world 8)."""
+    from types import SimpleNamespace
+
+    from megatron_kimi.bench.plan_memory import default_world
+
+    lay = lambda tp, pp, cp: SimpleNamespace(tensor=tp, pipeline=pp, context=cp)  # noqa: E731
+    assert default_world(lay(8, 1, 4), 8) == 32
+    assert default_world(lay(1, 1, 1), 8) == 8  # as before: one node
+    assert default_world(lay(3, 1, 4), 8) == 24  # 12 does not divide 16: 3 nodes
+    assert default_world(lay(2, 2, 1), 4) == 4
+    out = subprocess.run([sys.executable, "tools/plan_memory.py", "examples/long_context/qwen2_32b_128k.yaml",
+                          "--json", str(tmp_path / "p.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "-> fits" in out.stdout, out.stdout + out.stderr
+    assert "assuming world 32 = 4 node(s) x 8 GPUs" in out.stdout
+    r = json.loads((tmp_path / "p.json").read_text())
+    assert r["world"] == 32 and r["world_assumed"]
+    bad = subprocess.run([sys.executable, "tools/plan_memory.py", "examples/long_context/qwen2_32b_128k.yaml",
+                          "--nodes", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--nodes must be >= 1" in bad.stderr
+
+
 MEASURED = ["training.seq_length=2048", "model.max_position_embeddings=2048", "model.hidden_size=384",
             "model.ffn_hidden_size=1536", "model.num_attention_heads=6", "model.num_query_groups=6",
             "model.num_layers=4", "model.vocab_size=8192", "training.global_batch_size=1",

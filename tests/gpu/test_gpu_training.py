@@ -13,9 +13,8 @@ from tests.parallel.harness import train_layout
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.gpu(count=2)
 def test_nccl_tp2_matches_single_gpu(tmp_path):
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
     ref = run_distributed(train_layout, 1, [], 3, str(tmp_path / "a"), False)[0]
     tp2 = run_distributed(train_layout, 2, ["parallel.tensor=2"], 3, str(tmp_path / "b"), False)[0]
     for a, b in zip(ref["records"], tp2["records"]):

@@ -1,7 +1,8 @@
 """kernels/fused_logprob.py: fused token log-prob + entropy vs the naive full-logits reference.
 
-On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py), in fp32 (the
-interpreter's bf16 tl.dot is not faithful). Both implementations ("triton" and the chunked "torch"
+On a CPU-only machine the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py), in fp32 (the
+interpreter's bf16 tl.dot is not faithful); where they are compiled (a GPU machine) the "triton" cases
+run on CUDA tensors and the spawned CPU ranks use the interpreter (tests/dist.py). Both implementations ("triton" and the chunked "torch"
 path) are checked against ``token_logprob_entropy_ref``, single-device and on 2 real gloo TP ranks.
 """
 
@@ -24,6 +25,22 @@ BF16_VAL_TOL = dict(atol=2e-3, rtol=2e-3)
 BF16_GRAD_TOL = dict(atol=2e-2, rtol=2e-2)
 
 BACKENDS = ["torch", "triton"]
+# The Triton kernels take CPU tensors only under the interpreter; compiled, they run on the GPU.
+TRITON_DEVICE = "cpu" if fl._INTERPRETED else "cuda"
+# fp32 on the GPU: different reduction orders (and split-K) than the CPU reference.
+CUDA_FP32_TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def _device(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def _tol(backend, cpu_tol=FP32_TOL):
+    return CUDA_FP32_TOL if _device(backend) == "cuda" else cpu_tol
+
+
+def _to(device, *tensors):
+    return tuple(None if t is None else t.to(device) for t in tensors)
 
 
 def _inputs(T, H, V, scale=0.5, seed=0, dtype=torch.float32, device="cpu"):
@@ -47,7 +64,7 @@ def _run(fn, hidden, weight, labels, g_logp, g_ent, **kw):
     if g_ent is not None:
         loss = loss + (ent * g_ent).sum()
     loss.backward()
-    return logp.detach(), ent.detach(), h.grad, w.grad
+    return tuple(t.cpu() for t in (logp.detach(), ent.detach(), h.grad, w.grad))
 
 
 def _close(got, want, tol):
@@ -64,10 +81,11 @@ def _close(got, want, tol):
 ])
 def test_matches_reference(backend, T, H, V, temperature, chunk):
     args = _inputs(T, H, V)
-    got = _run(token_logprob_entropy, *args, temperature=temperature, chunk_size=chunk, backend=backend)
+    got = _run(token_logprob_entropy, *_to(_device(backend), *args), temperature=temperature, chunk_size=chunk,
+               backend=backend)
     want = _run(token_logprob_entropy_ref, *args, temperature=temperature)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-    _close(got, want, FP32_TOL)
+    _close(got, want, _tol(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -76,9 +94,10 @@ def test_one_output_used(backend, which):
     """Backward with g_ent (or g_logp) None: the unused output's term is skipped, not NaN."""
     hidden, weight, labels, g_logp, g_ent = _inputs(40, 64, 300, seed=1)
     g_logp, g_ent = (g_logp, None) if which == "logp_only" else (None, g_ent)
-    got = _run(token_logprob_entropy, hidden, weight, labels, g_logp, g_ent, chunk_size=16, backend=backend)
+    got = _run(token_logprob_entropy, *_to(_device(backend), hidden, weight, labels, g_logp, g_ent), chunk_size=16,
+               backend=backend)
     want = _run(token_logprob_entropy_ref, hidden, weight, labels, g_logp, g_ent)
-    _close(got, want, FP32_TOL)
+    _close(got, want, _tol(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -86,7 +105,8 @@ def test_large_logits_and_unowned_labels(backend):
     """Logits of magnitude ~100 stay finite and exact; a label no rank owns (-100) gives logp = -logZ."""
     hidden, weight, labels, g_logp, g_ent = _inputs(24, 32, 200, scale=2.5, seed=2)
     labels[3] = -100
-    got = _run(token_logprob_entropy, hidden, weight, labels, g_logp, g_ent, chunk_size=10, backend=backend)
+    got = _run(token_logprob_entropy, *_to(_device(backend), hidden, weight, labels, g_logp, g_ent), chunk_size=10,
+               backend=backend)
     want = _run(token_logprob_entropy_ref, hidden, weight, labels, g_logp, g_ent)
     assert all(torch.isfinite(t).all() for t in got)
     _close(got, want, dict(atol=2e-4, rtol=1e-4))  # |logits| ~ 100: fp32 ulp ~1e-5
@@ -96,23 +116,25 @@ def test_vocab_splits_combine_exactly():
     """The Triton forward's partial statistics over any number of vocab splits combine to one answer."""
     hidden, weight, labels, _, _ = _inputs(20, 32, 700, seed=3)
     ref = fl._combine(fl._stats_torch(hidden, weight, labels, 0, 1.0, 7), None)
+    dev = _to(TRITON_DEVICE, hidden, weight, labels)
     for splits in (1, 2, 6):
-        got = fl._combine(fl._stats_triton(hidden, weight, labels, 0, 1.0, 7, num_splits=splits), None)
+        got = fl._combine(fl._stats_triton(*dev, 0, 1.0, 7, num_splits=splits), None)
         for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, **FP32_TOL)
+            torch.testing.assert_close(a.cpu(), b, **_tol("triton"))
 
 
 def test_no_grad_and_weight_only():
     hidden, weight, labels, g_logp, _ = _inputs(9, 32, 130, seed=4)
     with torch.no_grad():
-        logp, ent = token_logprob_entropy(hidden, weight, labels, backend="triton")
+        logp, ent = token_logprob_entropy(*_to(TRITON_DEVICE, hidden, weight, labels), backend="triton")
     assert not logp.requires_grad
+    logp = logp.cpu()
     w = weight.clone().requires_grad_(True)
     logp2, _ = token_logprob_entropy(hidden, w, labels, chunk_size=4, backend="torch")
     (logp2 * g_logp).sum().backward()
     w_ref = weight.clone().requires_grad_(True)
     (token_logprob_entropy_ref(hidden, w_ref, labels)[0] * g_logp).sum().backward()
-    torch.testing.assert_close(logp, logp2.detach(), **FP32_TOL)
+    torch.testing.assert_close(logp, logp2.detach(), **_tol("triton"))
     torch.testing.assert_close(w.grad, w_ref.grad, **FP32_TOL)
 
 
@@ -126,7 +148,7 @@ def test_backend_dispatch_and_validation(monkeypatch):
         fl.resolve_backend("cuda", cpu)
     h, w, lab, _, _ = _inputs(4, 32, 50)
     for backend in BACKENDS:  # no tokens: empty outputs, no kernel launch
-        logp, ent = token_logprob_entropy(h[:0], w, lab[:0], backend=backend)
+        logp, ent = token_logprob_entropy(*_to(_device(backend), h[:0], w, lab[:0]), backend=backend)
         assert logp.shape == ent.shape == (0,)
     with pytest.raises(ValueError, match="hidden size"):
         token_logprob_entropy(h, w[:, :16], lab)

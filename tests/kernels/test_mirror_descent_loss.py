@@ -34,7 +34,7 @@ def _packed(lengths, tail=0, seed=0):
 def _fwd_bwd(fn, logp, old, mask, cu, adv, tau, **kw):
     leaves = [t.detach().clone().requires_grad_(True) for t in (logp, old, adv)]
     loss = fn(leaves[0], leaves[1], mask, cu, leaves[2], tau, **kw)
-    g = torch.linspace(0.5, 1.5, loss.numel())
+    g = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device)
     (loss * g).sum().backward()
     return [loss.detach()] + [t.grad for t in leaves]
 

@@ -143,7 +143,7 @@ def engine_job(rank, world_size, tp, with_reference=True, with_pp_check=False):
         model = chunks[0]
         model.train()
         P = prompts()
-        out = {"stats": {}}
+        out = {"stats": {}, "device": next(model.parameters()).device.type}
         engine = GenerationEngine(chunks, max_batch_size=MAX_BATCH, max_seq_len=64, eos_token_id=None,
                                   decode=letters)
 

@@ -214,3 +214,13 @@ def test_sampler_candidate_path_equals_full_sort(monkeypatch):
         b = sampling.sample_batch(logits, ts, ks, ps, us)
         assert torch.equal(a[0], b[0])
         assert torch.allclose(a[2], b[2], atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_matches_the_trainer_forward():
+    """The same job on the GPU: the model, its norms and KV caches on CUDA; greedy == full forward."""
+    res = run_distributed(bodies.engine_job, 1, 1, True, False, timeout=240)[0]
+    assert res["device"] == "cuda"
+    assert _outs(res["greedy"]) == res["ref_greedy"]
+    assert _outs(res["ddp"]) == res["ref_greedy"]
+    assert _max_lp_diff(res["greedy_alt"], res["ref_greedy_lp"]) <= 1e-4  # fp32, GPU reduction orders

@@ -84,3 +84,16 @@ def test_sigusr1_checkpoints_and_a_rerun_resumes_exactly(tmp_path, script, args,
     assert [r[key] for r in got] == [r[key] for r in want]
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
     assert (run / "logs" / f"{Path(script).stem}-local.log").is_file()
+
+
+@pytest.mark.slow
+def test_sigusr1_with_a_failed_save_is_reported_not_claimed(tmp_path):
+    """The stop checkpoint cannot be written (a file where checkpoints/ belongs): the script must not
+    say it saved, must not exit with the "requeue me" code, and must say what happened."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("in the way\n")
+    rc, out = _run_and_signal("slurm/sft.sh", [*SFT, f"run_dir={run}"], 1, run, 2)
+    assert rc not in (0, 75), out[-3000:]
+    assert "the stop checkpoint was NOT confirmed" in out and "not requeueing" in out, out[-3000:]
+    assert "checkpoint saved" not in out and "run the same command again to resume" not in out
