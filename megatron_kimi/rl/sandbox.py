@@ -409,15 +409,20 @@ def _probe(backend: str) -> tuple[bool, str]:
             elif backend == "unshare" and (os.geteuid() != 0 or shutil.which("unshare") is None):
                 _PROBED[backend] = (False, "needs root and util-linux unshare")
             else:
-                try:
-                    r = _run(backend, "print('ok')", "", timeout_s=30.0, cpu_s=10, memory_mb=512,
-                             max_procs=64, max_output_bytes=4096, max_file_mb=1, max_open_files=64,
-                             disk_mb=4, network=False, use_cgroup=False)
-                    good = r.ok and r.stdout == "ok\n"
-                    _PROBED[backend] = (good, "" if good else f"probe failed: {r.error or r.stderr[-500:]!r}")
-                except Exception as e:  # noqa: BLE001
-                    _PROBED[backend] = (False, f"probe raised {e!r}")
+                _PROBED[backend] = _trial_run(backend, use_cgroup=False)
         return _PROBED[backend]
+
+
+def _trial_run(backend: str, use_cgroup: bool) -> tuple[bool, str]:
+    """(works, why not): run ``print('ok')`` once in ``backend`` (with or without a cgroup)."""
+    try:
+        r = _run(backend, "print('ok')", "", timeout_s=30.0, cpu_s=10, memory_mb=512, max_procs=64,
+                 max_output_bytes=4096, max_file_mb=1, max_open_files=64, disk_mb=4, network=False,
+                 use_cgroup=use_cgroup)
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable here", with its reason
+        return False, f"{backend}: trial run raised {e!r}"
+    good = r.ok and r.stdout == "ok\n"
+    return good, "" if good else f"{backend}: trial run failed: {r.error or r.stderr[-500:]!r}"
 
 
 def cgroup_support() -> tuple[str | None, str]:
@@ -439,14 +444,7 @@ def _use_cgroup(cgroup: str, backend: str) -> bool:
     if layout is not None:
         with _CG_LOCK:  # joining can still fail inside a backend (say a user namespace): try once
             if backend not in _CG_WORKS:
-                try:
-                    r = _run(backend, "print('ok')", "", timeout_s=30.0, cpu_s=10, memory_mb=512,
-                             max_procs=64, max_output_bytes=4096, max_file_mb=1, max_open_files=64,
-                             disk_mb=4, network=False, use_cgroup=True)
-                    good = r.ok and r.stdout == "ok\n"
-                    _CG_WORKS[backend] = (good, "" if good else f"{backend}: {r.error or r.stderr[-300:]!r}")
-                except Exception as e:  # noqa: BLE001
-                    _CG_WORKS[backend] = (False, f"{backend}: {e!r}")
+                _CG_WORKS[backend] = _trial_run(backend, use_cgroup=True)
             good, trial_why = _CG_WORKS[backend]
         if not good:
             layout, why = None, trial_why
