@@ -70,16 +70,17 @@ def _any_nonfinite_grad(chunks) -> bool:
 
     The local grad buffers are checked whole, also the parts a reduce-scatter did not reduce into
     this rank: a non-finite partial gradient makes the reduced one non-finite too."""
-    bad = torch.zeros(1, device=_device())
+    finite = []  # device booleans: one host sync for the whole check, not one per buffer
     for chunk in chunks:
         buffers = getattr(chunk, "buffers", None)
         if buffers is not None:
             grads = [buf.grad_data for buf in buffers + list(getattr(chunk, "expert_parallel_buffers", []))]
         else:
             grads = [getattr(p, "main_grad", p.grad) for p in chunk.parameters()]
-        if any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
-            bad.fill_(1.0)
-            break
+        finite += [torch.isfinite(g).all() for g in grads if g is not None]
+    bad = torch.zeros(1, device=_device())
+    if finite:
+        bad = (~torch.stack(finite).to(bad.device).all()).float().reshape(1)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bool(bad.item())
 
