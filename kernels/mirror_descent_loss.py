@@ -26,7 +26,7 @@ TRITON_INTERPRET=1), else the PyTorch reference; ``"triton"`` / ``"ref"`` (``"to
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -160,7 +160,8 @@ def mirror_descent_loss_packed_ref(logp_T: torch.Tensor, old_logp_T: torch.Tenso
 def fused_mirror_descent_loss(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, labels_T: torch.Tensor,
                               old_logp_T: torch.Tensor, mask_T: torch.Tensor, cu_seqlens: CuSeqlens,
                               adv_N: torch.Tensor, tau: float, tp_group=None, vocab_start: int = 0,
-                              temperature: float = 1.0, chunk_size: int = 4096,
+                              temperature: float = 1.0, token_block: int = 8192,
+                              vocab_chunk: Optional[int] = None,
                               backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss_N, logp_T, entropy_T)`` from the final hidden states, never forming [T, V] logits.
 
@@ -170,7 +171,8 @@ def fused_mirror_descent_loss(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, 
     """
     logp_T, entropy_T = token_logprob_entropy(hidden_TH, weight_VH, labels_T, tp_group=tp_group,
                                               vocab_start=vocab_start, temperature=temperature,
-                                              chunk_size=chunk_size, backend=backend)
+                                              token_block=token_block, vocab_chunk=vocab_chunk,
+                                              backend=backend)
     loss_N = mirror_descent_loss_packed(logp_T, old_logp_T.to(logp_T.device), mask_T, cu_seqlens, adv_N, tau,
                                         backend=backend)
     return loss_N, logp_T, entropy_T

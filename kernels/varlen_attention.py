@@ -25,7 +25,9 @@ Algorithm: FlashAttention-2.
   into the usual ``dS = P * (dP - Delta')``); ``_bwd_dkdv_kernel`` runs one program per (k block,
   kv head), looping over the query heads of its GQA group and over the q blocks that see it, so
   dK/dV are summed in registers (no atomics, no [Tk, Hq, D] buffer); ``_bwd_dq_kernel`` runs one
-  program per (q block, q head) over the k blocks, like the forward. Everything is deterministic.
+  program per (q block, q head) over the k blocks, like the forward. Like the forward, both split
+  their loops into blocks that straddle the diagonal or a ragged end (masked) and blocks that are
+  fully visible (no mask, no bounds checks). Everything is deterministic.
 
 Varlen bookkeeping: a small int32 table ``[n_programs, 2] = (segment, block start)`` built ON THE
 DEVICE with a few torch ops (cumsum + searchsorted + argsort; no host sync, so no ``.tolist()``
@@ -48,6 +50,7 @@ Triton path constraints: D a power of two in [16, 128]; fp16 / bf16 / fp32 (fp32
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 try:  # guarded: the module (and the reference) must import where triton is missing
     import triton
@@ -177,6 +180,40 @@ if triton is not None:
         tl.store(DELTA + lh, delta, mask=mmask)
 
     @triton.jit
+    def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_start, h, stride_qt, stride_qh, stride_dot, stride_doh,
+                    stride_lh, offs_n, offs_m0, offs_d, lo, hi, Lq, diag, qk_scale,
+                    CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+        """dK/dV of one k block from q blocks [lo, hi). Query rows past Lq (BOUNDS) load q = dO = 0 and
+        Delta = 0, so they add exactly nothing; key rows past Lk are never stored, so they need no mask."""
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            q_rows = (q_start + offs_m).to(tl.int64)
+            q_ptrs = Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+            do_ptrs = DO + q_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :]
+            lh = h.to(tl.int64) * stride_lh + q_rows
+            if BOUNDS:
+                mmask = offs_m < Lq
+                q = tl.load(q_ptrs, mask=mmask[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=mmask[:, None], other=0.0)
+                lse = tl.load(LSE + lh, mask=mmask, other=0.0)
+                delta = tl.load(DELTA + lh, mask=mmask, other=0.0)
+            else:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+                lse = tl.load(LSE + lh)
+                delta = tl.load(DELTA + lh)
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # no key seen: p = 0
+            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [N, M], log2 units
+            pT = tl.exp2(sT - lse[None, :])
+            if CAUSAL_MASK:
+                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+        return dk, dv
+
+    @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, TABLE,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                          stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -207,38 +244,61 @@ if triton is not None:
                     mask=nmask[:, None], other=0.0)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
-        if CAUSAL:  # first query row that sees key start_n: i + diag >= start_n
-            lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+        # q blocks [lo, mid) straddle the diagonal (causal mask); from mid on every row sees the whole
+        # k block; q blocks past the last full one [q_full, Lq) need bounds masks only.
+        if CAUSAL:
+            lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M  # first row that sees key start_n
+            last = tl.minimum(start_n + BLOCK_N, Lk) - 1
+            mid = tl.minimum(tl.cdiv(tl.maximum(last - diag, 0), BLOCK_M) * BLOCK_M, Lq)
         else:
             lo = 0
+            mid = 0
+        q_full = Lq // BLOCK_M * BLOCK_M
         for g in range(0, GROUP):
             h = kh * GROUP + g
-            for start_m in range(lo, Lq, BLOCK_M):
-                offs_m = start_m + offs_m0
-                mmask = offs_m < Lq
-                q_rows = (q_start + offs_m).to(tl.int64)
-                q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                            mask=mmask[:, None], other=0.0)
-                do = tl.load(DO + q_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                             mask=mmask[:, None], other=0.0)
-                lh = h.to(tl.int64) * stride_lh + q_rows
-                lse = tl.load(LSE + lh, mask=mmask, other=0.0)
-                lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-                delta = tl.load(DELTA + lh, mask=mmask, other=0.0)
-                sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [N, M]
-                valid = nmask[:, None] & mmask[None, :]
-                if CAUSAL:
-                    valid = valid & (offs_n[:, None] <= offs_m[None, :] + diag)
-                pT = tl.where(valid, tl.exp2(sT - lse[None, :]), 0.0)
-                dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-                dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-                dsT = pT * (dpT - delta[None, :])
-                dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_start, h, stride_qt, stride_qh, stride_dot,
+                                 stride_doh, stride_lh, offs_n, offs_m0, offs_d, lo, mid, Lq, diag, qk_scale,
+                                 True, True, BLOCK_M, PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_start, h, stride_qt, stride_qh, stride_dot,
+                                 stride_doh, stride_lh, offs_n, offs_m0, offs_d, mid, q_full, Lq, diag, qk_scale,
+                                 False, False, BLOCK_M, PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_start, h, stride_qt, stride_qh, stride_dot,
+                                 stride_doh, stride_lh, offs_n, offs_m0, offs_d, tl.maximum(mid, q_full), Lq, Lq,
+                                 diag, qk_scale, False, True, BLOCK_M, PREC)
         dk = dk * sm_scale
         tl.store(DK + k_rows[:, None] * stride_dkt + kh * stride_dkh + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=nmask[:, None])
         tl.store(DV + k_rows[:, None] * stride_dvt + kh * stride_dvh + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=nmask[:, None])
+
+    @triton.jit
+    def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d, lo, hi,
+                  Lk, diag, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PREC: tl.constexpr):
+        """dQ of one q block from k blocks [lo, hi); MASK: bounds (and, if CAUSAL, the diagonal)."""
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n0
+            rows64 = cols.to(tl.int64)
+            k_ptrs = k_base + rows64[:, None] * stride_kt + offs_d[None, :]
+            v_ptrs = v_base + rows64[:, None] * stride_vt + offs_d[None, :]
+            if MASK:
+                cmask = cols < Lk
+                k = tl.load(k_ptrs, mask=cmask[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=cmask[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            p = tl.exp2(s - lse[:, None])
+            if MASK:
+                valid = cmask[None, :]
+                if CAUSAL:
+                    valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
+                p = tl.where(valid, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        return dq
 
     @triton.jit
     def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TABLE,
@@ -266,6 +326,7 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         mmask = offs_m < Lq
         q_rows = (q_start + offs_m).to(tl.int64)
+        # rows past Lq: q = dO = 0, Delta = 0 -> dS = 0 (and their dQ is not stored)
         q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=mmask[:, None], other=0.0)
         do = tl.load(DO + q_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
@@ -277,24 +338,17 @@ if triton is not None:
         k_base = K + k_start.to(tl.int64) * stride_kt + kh * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + kh * stride_vh
         dq = tl.zeros([BLOCK_M, D], tl.float32)
+        # k blocks [0, n_full) are below the diagonal for every row of this q block: no masks there
         if CAUSAL:
             hi = tl.maximum(tl.minimum(Lk, start_m + BLOCK_M + diag), 0)
+            n_full = tl.maximum(tl.minimum(start_m + diag + 1, Lk), 0) // BLOCK_N * BLOCK_N
         else:
             hi = Lk
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n0
-            cmask = cols < Lk
-            rows64 = cols.to(tl.int64)
-            k = tl.load(k_base + rows64[:, None] * stride_kt + offs_d[None, :], mask=cmask[:, None], other=0.0)
-            v = tl.load(v_base + rows64[:, None] * stride_vt + offs_d[None, :], mask=cmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            valid = mmask[:, None] & cmask[None, :]
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            n_full = Lk // BLOCK_N * BLOCK_N
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d, 0, n_full,
+                       Lk, diag, qk_scale, False, CAUSAL, BLOCK_N, PREC)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d, n_full, hi,
+                       Lk, diag, qk_scale, True, CAUSAL, BLOCK_N, PREC)
         dq = dq * sm_scale
         tl.store(DQ + q_rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=mmask[:, None])
@@ -314,16 +368,20 @@ def _config(D: int, dtype: torch.dtype) -> dict:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel.
 
     Interpreter: 64 x 64 (its cost is per program-iteration, numpy over a block is nearly free;
-    tests patch this function to cover other tiles). GPU: fp16/bf16 tiles chosen conservatively
-    for A100/H100 shared memory (fwd q tile 128 x D resident, k/v 64 x D pipelined)."""
+    tests patch this function to cover other tiles). GPU, fp16/bf16: the forward keeps a 128 x D q
+    tile resident and streams 64-row k/v tiles (measured on an H200 at the speed of torch's
+    varlen_attn). The backward uses the asymmetric tiles of Triton's fused-attention tutorial: dK/dV
+    keeps a 128-row k/v block resident and streams 32-row q/dO tiles (half the q/dO re-reads of a
+    64-row k block, and small [128, 32] P/dS tiles), dQ the mirror image, both deeply pipelined.
+    ``kernels/benchmarks/bench_attention.py --sweep`` times other tiles on the GPU at hand."""
     if _interpreted():
         return dict(fwd=(64, 64, 1, 1), dkdv=(64, 64, 1, 1), dq=(64, 64, 1, 1), pre=64)
     big = D > 64
     if dtype == torch.float32:  # 2x the shared memory per element, ieee dots: small tiles
         return dict(fwd=(64, 32, 4, 2), dkdv=(32, 32, 4, 2), dq=(32, 32, 4, 2), pre=64)
     return dict(fwd=(128, 64, 8 if big else 4, 2 if big else 3),
-                dkdv=(64, 64, 8 if big else 4, 2),
-                dq=(64, 64, 8 if big else 4, 2),
+                dkdv=(32, 128, 8 if big else 4, 3 if big else 5),
+                dq=(128, 32, 8 if big else 4, 3 if big else 5),
                 pre=64)
 
 
@@ -357,6 +415,27 @@ def _block_table(cu_a: torch.Tensor, cu_b: torch.Tensor, T_a: int, block: int, c
     return table[order].to(torch.int32).contiguous()
 
 
+# Block tables of self-attention packs, per cu_seqlens tensor. Every layer of a micro-batch (and its
+# backward) passes the same cu_seqlens object, so the ~20 small ops of a table run once per micro-batch
+# instead of three times per layer (measured: ~30 ms of a 120 ms small-model step on an H200). Weakly
+# keyed by identity: an entry dies with its tensor; ``_version`` catches in-place edits.
+_TABLE_MEMO: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _block_table_memo(cu_a: torch.Tensor, cu_b: torch.Tensor, T_a: int, block: int, causal: bool,
+                      q_side: bool) -> torch.Tensor:
+    if cu_b is not cu_a:  # prefixes (context parallelism): two tensors to key on; rare enough to rebuild
+        return _block_table(cu_a, cu_b, T_a, block, causal, q_side)
+    version, tables = _TABLE_MEMO.get(cu_a, (None, None))
+    if version != cu_a._version:  # new, or edited in place since: older tables are stale
+        tables = {}
+        _TABLE_MEMO[cu_a] = (cu_a._version, tables)
+    key = (T_a, block, causal, q_side)
+    if key not in tables:
+        tables[key] = _block_table(cu_a, cu_b, T_a, block, causal, q_side)
+    return tables[key]
+
+
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 operands
 
@@ -374,7 +453,7 @@ def _fwd(q, k, v, cu_q, cu_k, scale, causal):
         return out, lse
     cfg = _config(D, q.dtype)
     bm, bn, warps, stages = cfg["fwd"]
-    table = _block_table(cu_q, cu_k, Tq, bm, causal, q_side=True)
+    table = _block_table_memo(cu_q, cu_k, Tq, bm, causal, q_side=True)
     grid = (table.shape[0] * Hq,)
     _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, table,
                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -404,7 +483,7 @@ def _bwd(q, k, v, out, lse, dout, dlse, cu_q, cu_k, scale, causal):
     prec = _prec(q.dtype)
 
     bm, bn, warps, stages = cfg["dkdv"]
-    ktable = _block_table(cu_k, cu_q, Tk, bn, causal, q_side=False)
+    ktable = _block_table_memo(cu_k, cu_q, Tk, bn, causal, q_side=False)
     _bwd_dkdv_kernel[(ktable.shape[0] * Hkv,)](
         q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, ktable,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -413,7 +492,7 @@ def _bwd(q, k, v, out, lse, dout, dlse, cu_q, cu_k, scale, causal):
         CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, D=D, PREC=prec, num_warps=warps, num_stages=stages)
 
     bm, bn, warps, stages = cfg["dq"]
-    qtable = _block_table(cu_q, cu_k, Tq, bm, causal, q_side=True)
+    qtable = _block_table_memo(cu_q, cu_k, Tq, bm, causal, q_side=True)
     _bwd_dq_kernel[(qtable.shape[0] * Hq,)](
         q, k, v, dout, lse, delta, dq, cu_q, cu_k, qtable,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -6,8 +6,8 @@ output-layer weight:
 
 * **naive**: ``logits = (hidden @ W.T).float() / τ`` ([T, V] fp32) -> ``log_softmax`` -> gather, and
   ``-(exp(logp)·logp).sum(-1)`` — autograd keeps several [T, V] fp32 tensors alive;
-* **fused**: :func:`megatron_kimi.kernels.fused_logprob.token_logprob_entropy` (Triton on CUDA; on
-  CPU its chunked PyTorch path, ``chunk_size`` tokens at a time).
+* **fused**: :func:`megatron_kimi.kernels.fused_logprob.token_logprob_entropy` (cuBLAS blocks + Triton
+  epilogues on CUDA; on CPU the same blocks with a PyTorch epilogue).
 
 How peak memory is measured (the number is real, not a model):
 
@@ -29,12 +29,13 @@ How peak memory is measured (the number is real, not a model):
 
     python tools/bench_logprob.py                                   # defaults below, ~1 min on 2 CPU cores
     python tools/bench_logprob.py --vocab 20000 --tokens 512 --json
-    python tools/bench_logprob.py --tokens 4096 --hidden 1024 --chunk-size 512   # on a GPU (bf16)
+    python tools/bench_logprob.py --tokens 8192 --hidden 4096     # on a GPU (bf16): gpu-check's size
 
-CPU defaults (T=2048, H=256, V=151936, fp32, chunk 128) are chosen to run in about a minute on 2
-cores; the memory ratio depends on T, V, H and ``--chunk-size`` (fused ≈ the V·H weight grad + two
-chunk·V fp32 buffers; naive ≈ 5·T·V fp32). On CUDA the bf16 weight grad is accumulated in fp32 over
-the chunks (V·H·4 bytes more). Tiny sizes (the test) sit at the allocator's noise floor.
+CPU defaults (T=2048, H=256, V=151936, fp32) are chosen to run in about a minute on 2 cores; the
+memory ratio depends on T, V, H and the block sizes (fused ≈ the V·H weight grad + one fp32 logits
+block + one dz block + a T·H fp32 accumulator; naive ≈ 5·T·V fp32). ``--vocab-chunk`` /
+``--token-block`` override the kernel's defaults (a 128 MiB fp32 logits block). Tiny sizes (the test)
+sit at the allocator's noise floor.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def _parse(argv):
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk of the fused path")
+    p.add_argument("--token-block", type=int, default=8192, help="tokens per logits block of the fused path")
+    p.add_argument("--vocab-chunk", type=int, default=None,
+                   help="vocab rows per logits block of the fused path (default: a 128 MiB fp32 block)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
@@ -100,7 +103,8 @@ def _step(variant, hidden, weight, labels, args):
         logp, ent = _naive(hidden, weight, labels, args.temperature)
     else:
         logp, ent = token_logprob_entropy(hidden, weight, labels, temperature=args.temperature,
-                                          chunk_size=args.chunk_size, backend=args.backend)
+                                          token_block=args.token_block, vocab_chunk=args.vocab_chunk,
+                                          backend=args.backend)
     (logp.sum() + ent.sum()).backward()
     return logp, ent
 
@@ -114,7 +118,7 @@ def _child(args) -> None:
     # the same tiny warm-up in every child (baseline included), so that one-time costs (lazy imports,
     # the autograd engine's threads, BLAS/OpenMP pools) are part of the baseline and not of a variant
     tiny = argparse.Namespace(**{**vars(args), "tokens": 8, "vocab": 96, "hidden": min(args.hidden, 32),
-                                 "chunk_size": 4})
+                                 "token_block": 4, "vocab_chunk": 32})
     for variant in ("naive", "fused"):
         _step(variant, *_setup(tiny, "cpu"), tiny)
     hidden, weight, labels = _setup(args, "cpu")
@@ -192,8 +196,12 @@ def _bench_cuda(args) -> dict:
 
     # forward kernel vs a copy roofline of the same bytes
     with torch.no_grad():
-        t_fwd = _cuda_time(lambda: token_logprob_entropy(hidden, weight, labels, temperature=args.temperature,
-                                                         chunk_size=args.chunk_size, backend=args.backend), args.repeat)
+        def forward():
+            return token_logprob_entropy(hidden, weight, labels, temperature=args.temperature,
+                                         token_block=args.token_block, vocab_chunk=args.vocab_chunk,
+                                         backend=args.backend)
+
+        t_fwd = _cuda_time(forward, args.repeat)
     nbytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     t_copy = _cuda_time(lambda: torch.empty_like(src).copy_(src), args.repeat)
@@ -207,12 +215,12 @@ def _report(args, res) -> None:
     v = res["variants"]
     res["ratio"] = v["fused"]["peak_bytes"] / max(1, v["naive"]["peak_bytes"])
     if args.json:
-        print(json.dumps({"config": {k: getattr(args, k) for k in ("tokens", "hidden", "vocab", "chunk_size",
-                                                                   "temperature", "dtype", "backend")}, **res}))
+        keys = ("tokens", "hidden", "vocab", "token_block", "vocab_chunk", "temperature", "dtype", "backend")
+        print(json.dumps({"config": {k: getattr(args, k) for k in keys}, **res}))
         return
     dev = res["device"] + (f", {res['threads']} threads" if "threads" in res else "")
-    print(f"bench_logprob: T={args.tokens} H={args.hidden} V={args.vocab} chunk={args.chunk_size} "
-          f"dtype={args.dtype} backend={args.backend} on {dev}")
+    print(f"bench_logprob: T={args.tokens} H={args.hidden} V={args.vocab} "
+          f"blocks={args.token_block}x{args.vocab_chunk or 'auto'} dtype={args.dtype} backend={args.backend} on {dev}")
     print(f"peak memory = {res['peak_measure']}")
     print(f"{'variant':<8} {'peak MiB':>10} {'time s':>9}")
     for name, r in v.items():

@@ -10,12 +10,19 @@ repeated to the query heads for GQA), and (if the packed batch is
 small enough) one SDPA call with a block-diagonal causal mask. Prints ms and TFLOP/s for fwd and
 fwd+bwd. Causal FLOPs: 4 * D * Hq * sum L(L+1)/2 forward, x2.5 for the backward (so x3.5 for
 fwd+bwd). Without CUDA it prints that it needs CUDA and exits 0. Not a test (outside tests/).
+
+``--sweep`` also times the Triton backward's tiles: each dK/dV candidate with the default dQ tiles,
+each dQ candidate with the default dK/dV tiles (the two kernels run one after the other, so their
+times add), then the best pair as the row ``triton best``. A config the GPU cannot fit (shared
+memory, registers) is reported and skipped. Put the winner into ``_config`` of
+``megatron_kimi/kernels/varlen_attention.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +50,44 @@ def _time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the old 64 x 64 tile
+DKDV_CANDIDATES = [(64, 64, 8, 2), (32, 128, 8, 3), (32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 4),
+                   (16, 128, 4, 5)]
+DQ_CANDIDATES = [(64, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 5), (128, 64, 8, 2), (64, 32, 4, 4)]
+
+
+def _sweep(va, time_fwdbwd: Callable[[], float], flops: float) -> Optional[dict]:
+    """Best backward tiles (see the module docstring); restores ``va._config`` before returning."""
+    default = va._config
+    results = {}
+
+    def timed(kind, cfg):
+        base = default
+
+        def patched(D, dtype, kind=kind, cfg=cfg):
+            return {**base(D, dtype), kind: cfg}
+
+        va._config = patched
+        try:
+            ms = time_fwdbwd()
+        except Exception as e:  # noqa: BLE001 - triton's OutOfResources etc.: skip this candidate
+            print(f"sweep {kind}={cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+            torch.cuda.empty_cache()
+            return None
+        finally:
+            va._config = default
+        print(f"sweep {kind}={cfg}: fwd+bwd {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+        return ms
+
+    for kind, cands in (("dkdv", DKDV_CANDIDATES), ("dq", DQ_CANDIDATES)):
+        times = {cfg: timed(kind, cfg) for cfg in cands}
+        ok = {c: t for c, t in times.items() if t is not None}
+        if not ok:
+            return None
+        results[kind] = min(ok, key=ok.get)
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=32768)
@@ -55,12 +100,14 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-max-tokens", type=int, default=16384,
                     help="run the block-diagonal-mask SDPA row only up to this many tokens (T^2 mask)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep", action="store_true", help="also time the Triton backward's tile candidates")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU (Triton kernels); nothing to benchmark here.")
         return 0
 
+    import megatron_kimi.kernels.varlen_attention as va
     from megatron_kimi.kernels.varlen_attention import varlen_attention, varlen_attention_ref
 
     dev, dtype = "cuda", {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -130,20 +177,38 @@ def main(argv=None) -> int:
     print(f"{args.samples} samples, lengths {lengths}, T={T}, Hq={hq}, Hkv={hkv}, D={d}, {args.dtype}, "
           f"{torch.cuda.get_device_name()}")
     print(f"{'impl':<22} {'fwd ms':>9} {'fwd TFLOP/s':>12} {'fwd+bwd ms':>11} {'fwd+bwd TFLOP/s':>16}")
-    for name, fwd in rows:
-        def fwdbwd(fwd=fwd):
+
+    def fwdbwd_of(fwd):
+        def fwdbwd():
             out = fwd()
             torch.autograd.grad(out, (q, k, v), go)
+        return fwdbwd
+
+    def report(name, fwd):
         try:
             with torch.no_grad():
                 t_f = _time_ms(fwd, iters=args.iters)
-            t_fb = _time_ms(fwdbwd, iters=args.iters)
+            t_fb = _time_ms(fwdbwd_of(fwd), iters=args.iters)
         except torch.cuda.OutOfMemoryError:
             print(f"{name:<22} {'OOM':>9}")
             torch.cuda.empty_cache()
-            continue
+            return
         print(f"{name:<22} {t_f:>9.3f} {flops_fwd / t_f / 1e9:>12.1f} {t_fb:>11.3f} "
               f"{flops_fwdbwd / t_fb / 1e9:>16.1f}")
+
+    for name, fwd in rows:
+        report(name, fwd)
+    if args.sweep:
+        best = _sweep(va, lambda: _time_ms(fwdbwd_of(triton_fwd), warmup=2, iters=args.iters), flops_fwdbwd)
+        if best is not None:
+            default = va._config
+            print(f"best tiles: dkdv={best['dkdv']} dq={best['dq']} (default: dkdv="
+                  f"{default(d, dtype)['dkdv']} dq={default(d, dtype)['dq']})")
+            va._config = lambda D, dt: {**default(D, dt), **best}
+            try:
+                report("triton best", triton_fwd)
+            finally:
+                va._config = default
     return 0
 
 

@@ -6,6 +6,9 @@ from the config (``megatron-kimi train`` schema) and times full optimizer steps 
 tokens of ``training.seq_length`` (random ids: throughput does not depend on the data). FLOPs come
 from megatron_kimi/model/flops.py (causal attention, no recompute); MFU = achieved model TFLOP/s per
 device / the device's dense peak for the dtype (``--peak-tflops`` to set it; on CPU only tokens/s).
+After the timed steps one more step runs under ``torch.profiler`` and the table says where its time
+went (megatron_kimi/bench/breakdown.py: attention, GEMMs, norms, RoPE, loss, optimizer, comms, other,
+idle); ``--no-profile`` skips it.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_bench(cfg, steps: int, warmup: int, peak: Optional[float]) -> dict:
+def run_bench(cfg, steps: int, warmup: int, peak: Optional[float], profile: bool = True) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -66,7 +69,7 @@ def run_bench(cfg, steps: int, warmup: int, peak: Optional[float]) -> dict:
     try:
         t, m = cfg.training, cfg.model
         vocab = m.vocab_size or _tokenizer_size(cfg)
-        bundle = build_training_bundle(cfg, vocab, total_steps=warmup + steps)
+        bundle = build_training_bundle(cfg, vocab, total_steps=warmup + steps + int(profile))
         trainer = Trainer(bundle, lm_forward_step, t.seq_length, t.micro_batch_size)
         source = SyntheticLMSource(t.global_batch_size, t.micro_batch_size, t.seq_length, vocab,
                                    parallel_state.get_data_parallel_rank(), ctx.dp_size, t.seed)
@@ -87,6 +90,14 @@ def run_bench(cfg, steps: int, warmup: int, peak: Optional[float]) -> dict:
             if i >= warmup:
                 times.append(float(dt_t))
             consumed += t.global_batch_size
+        breakdown = None
+        if profile:
+            from megatron_kimi.bench.breakdown import profile_step
+
+            batches = source.microbatches(consumed)
+            dist.barrier()
+            seconds, wall = profile_step(lambda: trainer.train_step(batches), bundle.model, bundle.optimizer)
+            breakdown = {"seconds": seconds, "wall_s": wall, "on_device": torch.cuda.is_available()}
         mem = torch.tensor([peak_memory_mb()], dtype=torch.float64,
                            device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)
@@ -112,6 +123,7 @@ def run_bench(cfg, steps: int, warmup: int, peak: Optional[float]) -> dict:
             "mfu": (tflops / peak) if (device and peak) else None,
             "peak_memory_mb": float(mem),
             "peak_memory_kind": "cuda max allocated" if device else "process max RSS",
+            "breakdown": breakdown,
         }
     finally:
         shutdown()
@@ -150,7 +162,13 @@ def format_table(r: dict) -> str:
         ("peak memory", f"{r['peak_memory_mb']:.0f} MiB ({r['peak_memory_kind']})"),
     ]
     w = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+    text = "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+    if r.get("breakdown"):
+        from megatron_kimi.bench.breakdown import format_breakdown
+
+        b = r["breakdown"]
+        text += "\n" + format_breakdown(b["seconds"], b["wall_s"], b["on_device"])
+    return text
 
 
 def main(argv=None) -> int:
@@ -166,6 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     ap.add_argument("--json", default=None, help="also write the result as JSON here")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiled step and its time breakdown")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         print("bench_train: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
@@ -176,7 +195,7 @@ def main(argv=None) -> int:
         print(f"bench_train: config error: {e}", file=sys.stderr)
         return 2
     cpu_emulation.activate()
-    result = run_bench(cfg, args.steps, args.warmup, args.peak_tflops)
+    result = run_bench(cfg, args.steps, args.warmup, args.peak_tflops, profile=not args.no_profile)
     import os
 
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:

@@ -33,8 +33,23 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 _SPLIT_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+# Host copies of cu_seqlens tensors. Every layer (and its recompute) passes the same tensor, and on a
+# GPU each ``.tolist()`` is a device sync: one copy per micro-batch instead of one per layer. Weakly
+# keyed by identity (an entry dies with its tensor); ``_version`` catches in-place edits.
+_HOST_BOUNDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def host_bounds(cu: torch.Tensor) -> Tuple[int, ...]:
+    """``tuple(cu.tolist())``, copied from the device once per tensor (and version)."""
+    version, bounds = _HOST_BOUNDS.get(cu, (None, None))
+    if version != cu._version:
+        bounds = tuple(int(x) for x in cu.tolist())
+        _HOST_BOUNDS[cu] = (cu._version, bounds)
+    return bounds
 
 
 def _lengths(cu: List[int]) -> List[int]:
@@ -63,7 +78,7 @@ def split_batch_for_cp(batch: Dict[str, object], cp_size: int, cp_rank: int) -> 
     if params is None or params.qkv_format != "thd":
         raise ValueError("context parallelism needs packed THD micro-batches (packed_seq_params, qkv_format='thd')")
     cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
-    cu_list = tuple(int(x) for x in cu.tolist())
+    cu_list = host_bounds(cu)
     total = batch["tokens"].shape[-1]
     if cu_list[-1] != total:
         raise ValueError(f"packed cu_seqlens end at {cu_list[-1]} but the micro-batch has {total} tokens")
@@ -139,7 +154,7 @@ def cp_attention_thd(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tens
     from megatron_kimi.model.packed_attention import packed_attention
 
     cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
-    cu = tuple(int(x) for x in cu_padded.tolist())
+    cu = host_bounds(cu_padded)
     assert cu[-1] == q_THD.shape[0] * cp_size, (cu[-1], q_THD.shape, cp_size)
     index, cu_q, cu_k = _prefix_plan(cu, cp_size, cp_rank)
     device = q_THD.device

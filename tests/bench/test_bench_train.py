@@ -55,3 +55,9 @@ def test_bench_train_prints_a_table_and_writes_json(tmp_path):
     assert r["params"] == r["params_rank0"] == 131392
     assert r["tokens_per_step"] == 16 * 64 and r["tokens_per_s"] > 0 and r["mfu"] is None
     assert r["peak_memory_mb"] > 0 and r["device"] == "cpu"
+    # the profiled step's breakdown: GEMMs and the attention/norm/loss scopes were seen, all time accounted
+    b = r["breakdown"]
+    assert b["on_device"] is False and "time breakdown of one profiled step" in out.stdout
+    for category in ("gemm", "attention", "norm", "loss", "optimizer"):
+        assert b["seconds"][category] > 0, (category, b)
+    assert abs(sum(b["seconds"].values()) - b["wall_s"]) <= 0.05 * b["wall_s"] + 1e-3, b

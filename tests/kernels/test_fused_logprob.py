@@ -73,16 +73,16 @@ def _close(got, want, tol):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("T,H,V,temperature,chunk", [
-    (1, 32, 257, 1.0, 4096),      # one token, V not a multiple of the 128 vocab tile
-    (17, 64, 1000, 0.7, 5),       # 4 chunks (last one partial), 4 vocab splits in the Triton forward
-    (1000, 32, 257, 1.3, 300),    # many token blocks, chunk not dividing T
-    (1000, 64, 1000, 1.0, 384),   # H = one full H tile, 8 vocab tiles (last partial)
+@pytest.mark.parametrize("T,H,V,temperature,token_block,vocab_chunk", [
+    (1, 32, 257, 1.0, 8192, None),   # one token, one vocab chunk of 257 rows (not a 1024 epilogue tile)
+    (17, 64, 1000, 0.7, 5, 300),     # 4 token blocks x 4 vocab chunks, both last ones partial
+    (400, 32, 257, 1.3, 150, None),  # token blocks not dividing T: the fp32 weight-grad accumulator
+    (160, 64, 1000, 1.0, 8192, 128),  # one token block (weight grad by one GEMM per chunk), 8 chunks
 ])
-def test_matches_reference(backend, T, H, V, temperature, chunk):
+def test_matches_reference(backend, T, H, V, temperature, token_block, vocab_chunk):
     args = _inputs(T, H, V)
-    got = _run(token_logprob_entropy, *_to(_device(backend), *args), temperature=temperature, chunk_size=chunk,
-               backend=backend)
+    got = _run(token_logprob_entropy, *_to(_device(backend), *args), temperature=temperature,
+               token_block=token_block, vocab_chunk=vocab_chunk, backend=backend)
     want = _run(token_logprob_entropy_ref, *args, temperature=temperature)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     _close(got, want, _tol(backend))
@@ -94,8 +94,8 @@ def test_one_output_used(backend, which):
     """Backward with g_ent (or g_logp) None: the unused output's term is skipped, not NaN."""
     hidden, weight, labels, g_logp, g_ent = _inputs(40, 64, 300, seed=1)
     g_logp, g_ent = (g_logp, None) if which == "logp_only" else (None, g_ent)
-    got = _run(token_logprob_entropy, *_to(_device(backend), hidden, weight, labels, g_logp, g_ent), chunk_size=16,
-               backend=backend)
+    got = _run(token_logprob_entropy, *_to(_device(backend), hidden, weight, labels, g_logp, g_ent), token_block=16,
+               vocab_chunk=128, backend=backend)
     want = _run(token_logprob_entropy_ref, hidden, weight, labels, g_logp, g_ent)
     _close(got, want, _tol(backend))
 
@@ -105,22 +105,33 @@ def test_large_logits_and_unowned_labels(backend):
     """Logits of magnitude ~100 stay finite and exact; a label no rank owns (-100) gives logp = -logZ."""
     hidden, weight, labels, g_logp, g_ent = _inputs(24, 32, 200, scale=2.5, seed=2)
     labels[3] = -100
-    got = _run(token_logprob_entropy, *_to(_device(backend), hidden, weight, labels, g_logp, g_ent), chunk_size=10,
-               backend=backend)
+    labels[4] = 199  # the last row of the last (partial) vocab chunk
+    got = _run(token_logprob_entropy, *_to(_device(backend), hidden, weight, labels, g_logp, g_ent), token_block=10,
+               vocab_chunk=64, backend=backend)
     want = _run(token_logprob_entropy_ref, hidden, weight, labels, g_logp, g_ent)
     assert all(torch.isfinite(t).all() for t in got)
     _close(got, want, dict(atol=2e-4, rtol=1e-4))  # |logits| ~ 100: fp32 ulp ~1e-5
 
 
-def test_vocab_splits_combine_exactly():
-    """The Triton forward's partial statistics over any number of vocab splits combine to one answer."""
+def test_vocab_chunks_combine_exactly():
+    """Partial statistics over any number of vocab chunks (and either epilogue) combine to one answer."""
     hidden, weight, labels, _, _ = _inputs(20, 32, 700, seed=3)
-    ref = fl._combine(fl._stats_torch(hidden, weight, labels, 0, 1.0, 7), None)
+    ref = fl._combine(fl._stats(hidden, weight, labels, 0, 1.0, 20, 700, use_triton=False), None)
     dev = _to(TRITON_DEVICE, hidden, weight, labels)
-    for splits in (1, 2, 6):
-        got = fl._combine(fl._stats_triton(*dev, 0, 1.0, 7, num_splits=splits), None)
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a.cpu(), b, **_tol("triton"))
+    for token_block, vocab_chunk in ((20, 700), (7, 350), (20, 100), (3, 33)):
+        for use_triton, d in ((False, (hidden, weight, labels)), (True, dev)):
+            stats = fl._stats(*d, 0, 1.0, token_block, vocab_chunk, use_triton=use_triton)
+            assert stats.shape == (4, -(-700 // vocab_chunk), 20)
+            for a, b in zip(fl._combine(stats, None), ref):
+                torch.testing.assert_close(a.cpu(), b, **(_tol("triton") if use_triton else FP32_TOL))
+
+
+def test_default_block_sizes():
+    """The default vocab chunk keeps one fp32 logits block near 128 MiB and on 256-row multiples."""
+    assert fl._vocab_chunk(8192, 151936, None) == 4096
+    assert fl._vocab_chunk(100, 151936, None) == 151936  # a small T: the whole shard at once
+    assert fl._vocab_chunk(10 ** 6, 151936, None) == 256  # a floor, so each GEMM stays a real GEMM
+    assert fl._vocab_chunk(8192, 1000, 300) == 300
 
 
 def test_no_grad_and_weight_only():
@@ -130,7 +141,7 @@ def test_no_grad_and_weight_only():
     assert not logp.requires_grad
     logp = logp.cpu()
     w = weight.clone().requires_grad_(True)
-    logp2, _ = token_logprob_entropy(hidden, w, labels, chunk_size=4, backend="torch")
+    logp2, _ = token_logprob_entropy(hidden, w, labels, token_block=4, vocab_chunk=64, backend="torch")
     (logp2 * g_logp).sum().backward()
     w_ref = weight.clone().requires_grad_(True)
     (token_logprob_entropy_ref(hidden, w_ref, labels)[0] * g_logp).sum().backward()
@@ -158,13 +169,15 @@ def test_backend_dispatch_and_validation(monkeypatch):
         token_logprob_entropy(h, w, lab, temperature=0.0)
     with pytest.raises(ValueError, match="dtypes"):
         token_logprob_entropy(h, w.double(), lab)
-    with pytest.raises(ValueError, match="chunk_size"):
-        token_logprob_entropy(h, w, lab, chunk_size=0)
+    with pytest.raises(ValueError, match="token_block"):
+        token_logprob_entropy(h, w, lab, token_block=0)
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        token_logprob_entropy(h, w, lab, vocab_chunk=0)
 
 
 # ------------------------------------------------------------------------------------- TP = 2
 
-def _tp_body(rank, world_size, hidden, weight, labels, g_logp, g_ent, temperature, chunk):
+def _tp_body(rank, world_size, hidden, weight, labels, g_logp, g_ent, temperature, token_block):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -174,18 +187,18 @@ def _tp_body(rank, world_size, hidden, weight, labels, g_logp, g_ent, temperatur
     out = {}
     for backend in ("torch", "triton", "ref"):
         fn = token_logprob_entropy if backend != "ref" else token_logprob_entropy_ref
-        kw = dict(chunk_size=chunk, backend=backend) if backend != "ref" else {}
+        kw = dict(token_block=token_block, vocab_chunk=100, backend=backend) if backend != "ref" else {}
         out[backend] = _run(fn, hidden, shard, labels, g_logp, g_ent, tp_group=group, vocab_start=rank * V_local,
                             temperature=temperature, **kw)
     return out
 
 
 def test_tensor_parallel_two_ranks():
-    """2 gloo ranks, each holding half the vocab rows (257 each: not a tile multiple), vs one device."""
-    T, H, V, temperature, chunk = 33, 32, 514, 0.8, 16
+    """2 gloo ranks, each holding half the vocab rows (257 each, in vocab chunks of 100), vs one device."""
+    T, H, V, temperature, token_block = 33, 32, 514, 0.8, 16
     args = _inputs(T, H, V, seed=5)
     want = _run(token_logprob_entropy_ref, *args, temperature=temperature)
-    results = run_distributed(_tp_body, 2, *args, temperature, chunk, timeout=180)
+    results = run_distributed(_tp_body, 2, *args, temperature, token_block, timeout=180)
     for rank, out in enumerate(results):
         for backend, (logp, ent, g_h, g_w) in out.items():
             shard = slice(rank * V // 2, (rank + 1) * V // 2)
@@ -199,7 +212,7 @@ def test_tensor_parallel_two_ranks():
 def test_gpu_matches_reference(dtype):
     T, H, V = 1537, 512, 50257
     args = _inputs(T, H, V, scale=0.2, dtype=dtype, device="cuda")
-    got = _run(token_logprob_entropy, *args, temperature=0.9, chunk_size=512, backend="triton")
+    got = _run(token_logprob_entropy, *args, temperature=0.9, token_block=512, vocab_chunk=4096, backend="triton")
     want = _run(token_logprob_entropy_ref, *args, temperature=0.9)
     if dtype == torch.float32:
         _close(got, want, dict(atol=1e-4, rtol=1e-4))

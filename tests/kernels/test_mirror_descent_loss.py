@@ -91,7 +91,8 @@ def test_fused_matches_rl_loss_on_naive_logprobs(backend):
 
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     loss, logp_T, ent_T = fused_mirror_descent_loss(h1, w1, labels, old, mask, cu, adv, tau,
-                                                    temperature=temperature, chunk_size=16, backend=backend)
+                                                    temperature=temperature, token_block=16, vocab_chunk=64,
+                                                    backend=backend)
     loss.sum().backward()
 
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)

@@ -110,8 +110,9 @@ def _tiles(fwd, dkdv, dq):
 
 @pytest.mark.parametrize("tiles", [
     ((16, 32, 1, 1), (32, 16, 1, 1), (16, 32, 1, 1)),  # small, rectangular both ways
-    ((128, 64, 1, 1), (64, 64, 1, 1), (64, 64, 1, 1)),  # the fp16/bf16 GPU tiles
-], ids=["small_rect", "gpu_tiles"])
+    ((128, 64, 1, 1), (32, 128, 1, 1), (128, 32, 1, 1)),  # the fp16/bf16 GPU tiles
+    ((32, 32, 1, 1), (16, 64, 1, 1), (64, 16, 1, 1)),  # several masked + unmasked blocks per sample
+], ids=["small_rect", "gpu_tiles", "asym_small"])
 @pytest.mark.parametrize("case", ["self_gqa_d32", "prefix_gqa_d64", "rows_see_nothing"])
 def test_other_tiles(monkeypatch, tiles, case):
     if DEVICE != "cpu":
@@ -195,3 +196,28 @@ def test_cuda_half_precision(dtype, case):
     _compare(*CASES[case][:7], causal=CASES[case][7], dtype=dtype, tol=tol, device="cuda")
     # a long sample at the GPU tiles
     _compare([0, 3000, 4096], None, 4100, 4100, 8, 2, 128, dtype=dtype, tol=tol, device="cuda")
+
+
+def test_block_tables_are_built_once_per_cu_seqlens(monkeypatch):
+    """Layers share one cu_seqlens tensor: its three tables (fwd, dK/dV, dQ) are built once, not per call;
+    an in-place edit of the tensor rebuilds them, and prefix (cu_k) tables are never memoized."""
+    built = []
+    real = va._block_table
+    monkeypatch.setattr(va, "_block_table", lambda *a, **kw: built.append(a[3:]) or real(*a, **kw))
+    cu = torch.tensor([0, 5, 40, 70], dtype=torch.int32, device=DEVICE)
+    q, k, v, go, gl = _inputs(70, 70, 2, 1, 16)
+    _run(varlen_attention, q, k, v, go, gl, cu, None)
+    n = len(built)  # one per distinct (block, side): 3, or 2 where the fwd and dQ tiles share a block
+    assert n in (2, 3) and len(set(built)) == n
+    _run(varlen_attention, q, k, v, go, gl, cu, None)  # the next "layer"
+    assert len(built) == n
+    cu[1] = 6  # same object, new contents
+    got = _run(varlen_attention, q, k, v, go, gl, cu, None)
+    assert len(built) == 2 * n
+    want = _run(varlen_attention_ref, q, k, v, go, gl, cu, None)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        _assert_close(name, a, b, FP32_TOL)
+    cu_k = cu.clone()
+    _run(varlen_attention, q, k, v, go, gl, cu, cu_k)
+    _run(varlen_attention, q, k, v, go, gl, cu, cu_k)
+    assert len(built) == 2 * n + 6

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from megatron_kimi.model.sharding import assemble
-from megatron_kimi.parallel.context import zigzag_indices
+from megatron_kimi.parallel import context
+from megatron_kimi.parallel.context import host_bounds, zigzag_indices
 from tests.dist import run_distributed
 from tests.parallel.cp_harness import cp_train
 
@@ -49,6 +50,20 @@ LAYOUTS = {
     "cp2_pp2_selective_recompute": (4, ["parallel.context=2", "parallel.pipeline=2", "recompute.granularity=selective"]),
     "cp2_dp2": (4, ["parallel.context=2"]),
 }
+
+
+def test_host_bounds_copies_once_per_tensor_version(monkeypatch):
+    """Each layer's CP attention asks for the same cu_seqlens on the host: one device copy per tensor."""
+    copies, before = [], len(context._HOST_BOUNDS)
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: copies.append(1) or real(t))
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    assert host_bounds(cu) == host_bounds(cu) == (0, 4, 12) and len(copies) == 1
+    cu[2] = 16  # edited in place: copied again
+    assert host_bounds(cu) == (0, 4, 16) and len(copies) == 2
+    assert host_bounds(cu.clone()) == (0, 4, 16) and len(copies) == 3
+    del cu
+    assert len(context._HOST_BOUNDS) == before  # entries die with their tensors
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
