@@ -24,7 +24,7 @@ fi
 #   training.seed of both steps: SFT model init, the generated SFT data and its pack order; RL's
 #     training prompts, held-out set, per-iteration prompt picks and mini-batch order;
 #   rollout.seed of the RL step: every sampled token (each request's seed is a hash of rollout.seed,
-#     the iteration and the prompt/sample index, megatron_kimi/commands/rl.py).
+#     the iteration and the prompt/sample index, megatron_kimi/rl/generation.py).
 # tools/bench_demo.py runs it over seeds x OMP_NUM_THREADS x devices.
 DEMO_DIR="${DEMO_DIR:-runs/demo}"
 DEMO_SEED="${DEMO_SEED:-0}"

@@ -12,22 +12,22 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_kimi.config import SFTConfig, SFTStageConfig, to_dict
+from megatron_kimi.commands.common import Job, Run, run_job
+from megatron_kimi.config import SFTConfig, SFTStageConfig
 from megatron_kimi.data.chat_synth import generate_chat_arithmetic
 from megatron_kimi.data.sft_cache import build_or_load_cache
 from megatron_kimi.data.sft_source import PackedSFTSource
 from megatron_kimi.data.tokenizer import load_tokenizer
-from megatron_kimi.platform import preemption
 from megatron_kimi.training import checkpoint as ckpt
 from megatron_kimi.training.lm_step import lm_forward_step
-from megatron_kimi.training.metrics import MetricsWriter, truncate_metrics
 from megatron_kimi.training.optim import build_scheduler
-from megatron_kimi.training.runtime import build_training_bundle, initialize, shutdown
-from megatron_kimi.training.trainer import Trainer, TrainState
+from megatron_kimi.training.runtime import DistContext, build_training_bundle
+from megatron_kimi.training.trainer import Trainer
 
 BUILTIN_CHAT = "builtin:chat-arithmetic"
 
@@ -80,59 +80,50 @@ def stage_optimizer(cfg: SFTConfig, stage: SFTStageConfig, steps: int):
 
 
 def run(cfg: SFTConfig) -> int:
-    ctx = initialize(cfg)
-    try:
-        tokenizer, caches = prepare_stage_caches(cfg, ctx.is_rank0)
-        dp_rank = parallel_state.get_data_parallel_rank()
-        pad_multiple = 2 * cfg.parallel.context if cfg.parallel.context > 1 else 1
-        sources = [
-            PackedSFTSource(c, st.seq_length, st.packs_per_step(), dp_rank, ctx.dp_size, cfg.training.seed,
-                            pad_id=tokenizer.pad_token_id, overlong=cfg.data.overlong, pad_to_multiple=pad_multiple)
-            for st, c in zip(cfg.stages, caches)
-        ]
-        stage_steps = [src.total_steps(st.epochs) for st, src in zip(cfg.stages, sources)]
-        for i, (st, n) in enumerate(zip(cfg.stages, stage_steps)):
-            if n == 0:
-                raise ValueError(f"stages[{i}] ({st.name}): {len(caches[i])} samples make "
-                                 f"{len(sources[i].plan(0).bins)} packs of seq_length {st.seq_length}, fewer than "
-                                 f"one global batch of {st.packs_per_step()} packs")
-        bundle = build_training_bundle(cfg, len(tokenizer), total_steps=max(stage_steps[0], 1))
-        trainer = Trainer(bundle, lm_forward_step, cfg.stages[0].seq_length, micro_batch_size=1,
-                          max_consecutive_nan_steps=cfg.training.max_consecutive_nan_steps)
-        run_dir = Path(cfg.run_dir)
+    return run_job(cfg, lambda ctx, start: build_job(cfg, ctx, start))
 
-        start, _ = ckpt.start_point(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.load)
-        stage_idx = 0
-        if start is not None:
-            saved = ckpt.read_common(start).get("train_state", {})
-            stage_idx = int(saved.get("stage", 0)) if "optimizer" in ckpt.read_common(start).get("contents", []) else 0
-        bundle.scheduler = build_scheduler(bundle.optimizer, stage_optimizer(cfg, cfg.stages[stage_idx],
-                                                                              stage_steps[stage_idx]),
-                                           stage_steps[stage_idx])
-        if start is not None:
-            trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer)
-        if ctx.is_rank0:  # a resumed run rewrites what followed its checkpoint; a fresh one starts over
-            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
-        first = trainer.state.step
-        total = sum(stage_steps)
-        if cfg.training.max_steps is not None:
-            total = min(total, cfg.training.max_steps)
-        writer = MetricsWriter(run_dir, enabled=ctx.is_rank0, tensorboard=cfg.logging.tensorboard,
-                               progress_bar=cfg.logging.progress_bar, log_interval=cfg.logging.log_interval, progress_total=total, progress_initial=first)
-        if start is not None:
-            writer.print(f"resumed from {start} at step {first} (stage {stage_idx})")
-        history = []
+
+def build_job(cfg: SFTConfig, ctx: DistContext, start: Optional[Path]) -> Job:
+    tokenizer, caches = prepare_stage_caches(cfg, ctx.is_rank0)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    pad_multiple = 2 * cfg.parallel.context if cfg.parallel.context > 1 else 1
+    sources = [
+        PackedSFTSource(c, st.seq_length, st.packs_per_step(), dp_rank, ctx.dp_size, cfg.training.seed,
+                        pad_id=tokenizer.pad_token_id, overlong=cfg.data.overlong, pad_to_multiple=pad_multiple)
+        for st, c in zip(cfg.stages, caches)
+    ]
+    stage_steps = [src.total_steps(st.epochs) for st, src in zip(cfg.stages, sources)]
+    for i, (st, n) in enumerate(zip(cfg.stages, stage_steps)):
+        if n == 0:
+            raise ValueError(f"stages[{i}] ({st.name}): {len(caches[i])} samples make "
+                             f"{len(sources[i].plan(0).bins)} packs of seq_length {st.seq_length}, fewer than "
+                             f"one global batch of {st.packs_per_step()} packs")
+    bundle = build_training_bundle(cfg, len(tokenizer), total_steps=max(stage_steps[0], 1))
+    trainer = Trainer(bundle, lm_forward_step, cfg.stages[0].seq_length, micro_batch_size=1,
+                      max_consecutive_nan_steps=cfg.training.max_consecutive_nan_steps)
+    stage_idx = 0  # the stage a full-state checkpoint was saved in
+    if start is not None:
+        common = ckpt.read_common(start)
+        if "optimizer" in common.get("contents", []):
+            stage_idx = int(common.get("train_state", {}).get("stage", 0))
+    # The LR schedule of that stage before the load, which restores its position.
+    trainer.set_stage(stage_idx, cfg.stages[stage_idx].seq_length, build_scheduler(
+        bundle.optimizer, stage_optimizer(cfg, cfg.stages[stage_idx], stage_steps[stage_idx]), stage_steps[stage_idx]))
+    total = sum(stage_steps)
+    if cfg.training.max_steps is not None:
+        total = min(total, cfg.training.max_steps)
+    history: list = []
+
+    def fit(run: Run) -> None:
         stage_start = sum(stage_steps[:stage_idx])
         for i in range(stage_idx, len(cfg.stages)):
             st, src = cfg.stages[i], sources[i]
+            scheduler = None
             if i != stage_idx:  # a fresh stage: new LR schedule, same optimizer state
-                bundle.scheduler = build_scheduler(bundle.optimizer, stage_optimizer(cfg, st, stage_steps[i]),
-                                                   stage_steps[i])
-                trainer.state = TrainState(step=trainer.state.step, stage=i, nan_steps=trainer.state.nan_steps)
-            trainer.state.stage = i
-            trainer.seq_length = st.seq_length
+                scheduler = build_scheduler(bundle.optimizer, stage_optimizer(cfg, st, stage_steps[i]), stage_steps[i])
+            trainer.set_stage(i, st.seq_length, scheduler)
             plan = src.plan(0)
-            writer.print(
+            run.writer.print(
                 f"sft stage {i} ({st.name}): {len(src.cache)} samples, seq_length {st.seq_length}, "
                 f"{stage_steps[i]} steps x {st.packs_per_step()} packs; epoch-0 packing efficiency "
                 f"{plan.efficiency:.3f} ({plan.stats['bins']} packs; over-long: {plan.stats['truncated']} "
@@ -140,26 +131,19 @@ def run(cfg: SFTConfig) -> int:
                 f"{src.cache.stats.get('malformed_skipped', 0)})"
             )
             end = min(stage_start + stage_steps[i], total)
-            history += trainer.fit(
-                src, writer, total_steps=end, ckpt_root=run_dir / "checkpoints",
-                save_interval=cfg.checkpoint.save_interval,
-                save_at_end=cfg.checkpoint.save_at_end, keep_last=cfg.checkpoint.keep_last,
-                tokens_per_sample=st.seq_length, extra_state={"config": to_dict(cfg)},
-                extra_record={"stage": i, "packing_efficiency": plan.efficiency},
-                should_stop=preemption.requested,
-            )
+            history.extend(trainer.fit(src, run.writer, end, run.checkpointer, tokens_per_sample=st.seq_length,
+                                       extra_record={"stage": i, "packing_efficiency": plan.efficiency}))
             stage_start += stage_steps[i]
-            if trainer.stopped or trainer.state.step >= total:
+            if run.checkpointer.stopped or trainer.state.step >= total:
                 break
-        writer.close()
-        if ctx.is_rank0:
-            if history:
-                print(f"sft: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} over steps "
-                      f"{first + 1}..{trainer.state.step}; run dir {run_dir}", flush=True)
-            (run_dir / "sft_stages.json").write_text(json.dumps(
-                [{"stage": st.name, "steps": n, "packing": sources[i].plan(0).stats,
-                  "efficiency": sources[i].plan(0).efficiency} for i, (st, n) in enumerate(zip(cfg.stages, stage_steps))],
-                indent=1, default=str))
-        return preemption.EXIT_PREEMPTED if trainer.stopped else 0
-    finally:
-        shutdown()
+
+    def summary(run: Run) -> None:
+        if history:
+            print(f"sft: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} over steps "
+                  f"{history[0]['step']}..{trainer.state.step}; run dir {run.run_dir}", flush=True)
+        (run.run_dir / "sft_stages.json").write_text(json.dumps(
+            [{"stage": st.name, "steps": n, "packing": sources[i].plan(0).stats,
+              "efficiency": sources[i].plan(0).efficiency} for i, (st, n) in enumerate(zip(cfg.stages, stage_steps))],
+            indent=1, default=str))
+
+    return Job(trainer, total=total, fit=fit, summary=summary, resume_note=f" (stage {stage_idx})")

@@ -7,16 +7,14 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_kimi.config import TrainConfig, to_dict
+from megatron_kimi.commands.common import Job, Run, run_job
+from megatron_kimi.config import TrainConfig
 from megatron_kimi.data.corpus import SequenceSampler, TokenCorpus, generate_arithmetic_corpus, load_texts
 from megatron_kimi.data.jsonl import BadLines
 from megatron_kimi.data.lm_source import LMBatchSource
 from megatron_kimi.data.tokenizer import load_tokenizer
-from megatron_kimi.platform import preemption
-from megatron_kimi.training import checkpoint as ckpt
 from megatron_kimi.training.lm_step import lm_forward_step
-from megatron_kimi.training.metrics import MetricsWriter, truncate_metrics
-from megatron_kimi.training.runtime import build_training_bundle, initialize, shutdown
+from megatron_kimi.training.runtime import DistContext, build_training_bundle
 from megatron_kimi.training.trainer import Trainer
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
@@ -49,53 +47,36 @@ def run(cfg: TrainConfig) -> int:
     if cfg.parallel.context > 1:
         raise ValueError("parallel.context > 1: context parallelism runs on packed (THD) batches; use "
                          "`megatron-kimi sft` (the train command feeds fixed-length sbhd samples)")
-    ctx = initialize(cfg)
-    try:
-        tokenizer, corpus = prepare_corpus(cfg, ctx.is_rank0)
-        t = cfg.training
-        source = LMBatchSource(
-            corpus=corpus,
-            sampler=SequenceSampler(len(corpus), seed=t.seed),
-            global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size,
-            dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=ctx.dp_size,
-        )
-        bundle = build_training_bundle(cfg, len(tokenizer), t.steps)
-        run_dir = Path(cfg.run_dir)
-        trainer = Trainer(bundle, lm_forward_step, t.seq_length, t.micro_batch_size,
-                          max_consecutive_nan_steps=t.max_consecutive_nan_steps)
-        start, _ = ckpt.start_point(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.load)
-        if start is not None:
-            trainer.load(start, load_optimizer=cfg.checkpoint.load_optimizer)
-        if ctx.is_rank0:  # a resumed run rewrites what followed its checkpoint; a fresh one starts over
-            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
-        first = trainer.state.step
-        writer = MetricsWriter(run_dir, enabled=ctx.is_rank0, tensorboard=cfg.logging.tensorboard,
-                               progress_bar=cfg.logging.progress_bar, log_interval=cfg.logging.log_interval, progress_total=t.steps, progress_initial=first)
-        if start is not None:
-            writer.print(f"resumed from {start} at step {first}")
-        writer.print(
+    return run_job(cfg, lambda ctx, start: build_job(cfg, ctx))
+
+
+def build_job(cfg: TrainConfig, ctx: DistContext) -> Job:
+    tokenizer, corpus = prepare_corpus(cfg, ctx.is_rank0)
+    t = cfg.training
+    source = LMBatchSource(
+        corpus=corpus,
+        sampler=SequenceSampler(len(corpus), seed=t.seed),
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=ctx.dp_size,
+    )
+    bundle = build_training_bundle(cfg, len(tokenizer), t.steps)
+    trainer = Trainer(bundle, lm_forward_step, t.seq_length, t.micro_batch_size,
+                      max_consecutive_nan_steps=t.max_consecutive_nan_steps)
+    history: list = []
+
+    def fit(run: Run) -> None:
+        run.writer.print(
             f"train: {corpus.stream.size} tokens, {len(corpus)} samples of {t.seq_length}; "
             f"world {ctx.env.world_size} = tp {cfg.parallel.tensor} x pp {cfg.parallel.pipeline} x "
             f"cp {cfg.parallel.context} x dp {ctx.dp_size}; backend {ctx.backend}"
         )
-        history = trainer.fit(
-            source,
-            writer,
-            total_steps=t.steps,
-            ckpt_root=run_dir / "checkpoints",
-            save_interval=cfg.checkpoint.save_interval,
-            save_at_end=cfg.checkpoint.save_at_end,
-            keep_last=cfg.checkpoint.keep_last,
-            tokens_per_sample=t.seq_length,
-            extra_state={"config": to_dict(cfg)},
-            should_stop=preemption.requested,
-        )
-        writer.close()
-        if history and ctx.is_rank0:
+        history.extend(trainer.fit(source, run.writer, t.steps, run.checkpointer, tokens_per_sample=t.seq_length))
+
+    def summary(run: Run) -> None:
+        if history:
             print(f"train: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} over steps "
-                  f"{first + 1}..{trainer.state.step}; run dir {run_dir}", flush=True)
-        return preemption.EXIT_PREEMPTED if trainer.stopped else 0
-    finally:
-        shutdown()
+                  f"{history[0]['step']}..{trainer.state.step}; run dir {run.run_dir}", flush=True)
+
+    return Job(trainer, total=t.steps, fit=fit, summary=summary)

@@ -131,6 +131,7 @@ def _seq_logp(model, batch):
 
 
 def _rl_report(terms_N, valid_N, log_ratio_N):
+    # lm_step.REPORT_FIELDS["rl"]: loss_sum, loss_count (samples), log_ratio_sum
     n = valid_N.sum()
     report = torch.stack([terms_N.sum().detach(), n, (log_ratio_N.detach() * valid_N).sum()]).clone()
     return terms_N.sum(), n.to(torch.int), {"rl": report}

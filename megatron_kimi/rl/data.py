@@ -1,11 +1,13 @@
-"""RL prompts: jsonl loading (errors name file:line), the embedded arithmetic set, prompt tokenization."""
+"""RL prompts: jsonl loading (errors name file:line), the embedded arithmetic set, the training and
+held-out sets of a run, the per-iteration pick, prompt tokenization."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
+import torch.distributed as dist
 
 from megatron_kimi.data.chat import tokenize_conversation
 from megatron_kimi.data.chat_synth import is_heldout
@@ -83,3 +85,40 @@ def prompt_token_ids(tokenizer, prompt: Prompt) -> List[int]:
     ids, mask = tokenize_conversation(tokenizer, messages)
     first = int(np.argmax(mask)) if mask.any() else len(ids)
     return [int(t) for t in ids[:first]]
+
+
+BUILTIN = "builtin:arithmetic"
+
+
+def _load_prompts_reporting(path: str, cfg) -> List[Prompt]:
+    bad = BadLines(path)
+    prompts = load_prompts(path, on_error=cfg.data.on_error, bad=bad, reward=cfg.data.reward)
+    if bad.count and dist.get_rank() == 0:
+        print(f"rl: {bad.summary()}", flush=True)
+    return prompts
+
+
+def load_prompt_sets(cfg) -> Tuple[List[Prompt], List[Prompt]]:
+    """(training prompts, held-out prompts) of an RL run (``cfg``: an RLConfig): ``data.eval_prompts``,
+    else a disjoint built-in set, else the last ``data.eval_size`` prompts of the file."""
+    d = cfg.data
+    train = (arithmetic_prompts(4000, cfg.training.seed, heldout=False) if d.prompts == BUILTIN
+             else _load_prompts_reporting(d.prompts, cfg))
+    if d.eval_prompts:
+        held = _load_prompts_reporting(d.eval_prompts, cfg)
+    elif d.prompts == BUILTIN:  # seed + 1: not the training set's stream (the splits are disjoint anyway)
+        held = arithmetic_prompts(d.eval_size, cfg.training.seed + 1, heldout=True)
+    else:
+        held = train[-d.eval_size:]
+        train = train[:-d.eval_size] or train
+    return train, held[: d.eval_size]
+
+
+def pick_prompts(prompts: List[Prompt], n: int, seed: int, iteration: int) -> List[Prompt]:
+    """Iteration ``iteration``'s ``n`` distinct prompts (all of them if fewer)."""
+    # A generator per (seed, iteration), not one carried across iterations: a resumed run draws the
+    # same picks without checkpointing RNG state. x7919 (a prime above any iteration count) keeps the
+    # streams of different seeds apart.
+    rng = np.random.default_rng(seed * 7919 + iteration)
+    pick = rng.choice(len(prompts), size=min(n, len(prompts)), replace=False)
+    return [prompts[i] for i in pick]

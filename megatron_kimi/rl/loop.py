@@ -1,41 +1,164 @@
 """The Kimi k1.5 RL loop: online mirror descent with verifiable rewards (reads like the algorithm).
 
 Iteration i (the current policy π_θi is the reference):
-  1. take ``prompts_per_iteration`` prompts; sample k responses each from π_θi (rollout engine);
-  2. score them (verifier / sandbox reward, + length penalty after its warm-up, + repeat penalty);
-  3. recompute log π_θi(y|x) with the trainer (not the sampler's numbers: a train/rollout numeric
-     mismatch cannot bias the loss; the mismatch is logged);
-  4. a few optimizer steps on L = mean_j (r_j − r̄ − τ·log π_θ/π_θi)² over mini-batches of the samples
-     (optionally after resetting the optimizer state, as the paper does).
+  1. prompts ← ``rl.prompts_per_iteration`` of the training prompts;
+  2. samples ← k responses per prompt from π_θi (the rollout backend), then the backend releases its
+     memory for training;
+  3. rewards ← verifier / sandbox score + length penalty (after its warm-up) + repeat penalty;
+  4. advantage ← r − r̄ (r̄: the mean reward of the prompt's k samples);
+  5. log π_θi(y|x) ← the trainer (not the sampler's numbers: a train/rollout numeric mismatch cannot
+     bias the loss; the mismatch is logged);
+  6. ``rl.updates_per_iteration`` optimizer steps on L = mean_j (r_j − r̄ − τ·log π_θ/π_θi)² over
+     mini-batches of the samples (optionally after resetting the optimizer state, as the paper does);
+  7. the backend resumes and takes the new weights; held-out evaluation and checkpoint when due.
+
+The rollout backend's lifecycle is in :mod:`megatron_kimi.rollout.backend`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_kimi.config import RLConfig
 from megatron_kimi.rl.batching import pack_samples, reference_logprobs
+from megatron_kimi.rl.data import pick_prompts
+from megatron_kimi.rl.generation import SampleGenerator
 from megatron_kimi.rl.loss import group_baseline
 from megatron_kimi.rl.rewards import RewardInput, call_reward, get_reward
 from megatron_kimi.rl.shaping import length_penalty, length_penalty_active
 from megatron_kimi.rl.types import Prompt, RolloutBatch, Sample
+from megatron_kimi.rollout.backend import RolloutBackend
+from megatron_kimi.training.checkpointer import Checkpointer
+from megatron_kimi.training.metrics import MetricsWriter
+from megatron_kimi.training.trainer import Trainer
 
 
 @dataclass
-class RLContext:
+class RLJob:
     """Everything the loop talks to; built by commands/rl.py."""
 
-    cfg: object  # RLConfig
-    trainer: object  # megatron_kimi.training.trainer.Trainer with the RL forward step
-    rollout: Callable[[int, List[Prompt], bool], List[Sample]]  # (iteration, prompts, greedy) -> samples
+    cfg: RLConfig
+    trainer: Trainer  # with the RL forward step
+    backend: RolloutBackend
+    generator: SampleGenerator  # prompts -> requests -> (backend) -> samples
+    train_prompts: List[Prompt]
+    heldout_prompts: List[Prompt]
     pad_id: int
 
+
+def train(job: RLJob, writer: MetricsWriter, checkpointer: Checkpointer, run_dir: Path,
+          resumed: bool) -> Tuple[dict, List[dict]]:
+    """Iterations from the trainer's count to ``rl.iterations`` (or a preemption stop: then
+    ``checkpointer.stopped``). Returns the summary (held-out accuracy ``before`` / ``after``) and
+    the per-iteration records of the whole run."""
+    cfg, r, trainer, backend = job.cfg, job.cfg.rl, job.trainer, job.backend
+    summary_path = run_dir / "summary.json"
+    # A resumed run keeps the evaluation before RL and the curves up to its checkpoint.
+    summary = json.loads(summary_path.read_text()) if (resumed and summary_path.is_file()) else {}
+    history = read_history(run_dir / "metrics.jsonl") if resumed else []
+
+    backend.resume()
+    backend.update_weights(trainer.model)
+    if "before" not in summary:
+        summary["before"] = evaluate(job)
+    writer.print(f"rl: {len(job.train_prompts)} prompts, {len(job.heldout_prompts)} held-out; k={r.k}, "
+                 f"tau={r.tau}; held-out accuracy before {summary['before']['accuracy']:.3f}")
+    for it in range(trainer.state.iteration, r.iterations):
+        last = it + 1 == r.iterations
+        times = _Laps()
+        prompts = pick_prompts(job.train_prompts, r.prompts_per_iteration, cfg.training.seed, it)
+        batch = job.generator.sample(backend, it, prompts, r.k)
+        backend.release()  # its KV cache is the trainer's memory until the update is done
+        times.lap("rollout")
+        counts = assign_rewards(batch, cfg)
+        times.lap("scoring")
+        adv_N = group_baseline(torch.tensor([s.reward for s in batch.samples], dtype=torch.float64),
+                               torch.tensor([s.prompt_index for s in batch.samples]))
+        set_reference_logprobs(trainer, batch.samples, adv_N, cfg.training.seq_length, job.pad_id)
+        times.lap("reference")
+        steps = update_policy(trainer, batch.samples, adv_N, cfg, it, job.pad_id)
+        trainer.end_iteration()
+        times.lap("train")
+        backend.resume()
+        backend.update_weights(trainer.model)
+
+        record = {"iteration": it + 1, "step": it + 1, **iteration_metrics(batch, steps, times), **counts}
+        if last or (r.eval_interval and (it + 1) % r.eval_interval == 0):
+            held = evaluate(job)
+            if last:
+                summary["after"] = held
+            record.update(eval_accuracy=held["accuracy"], eval_response_length=held["response_length"])
+        writer.log(record, it + 1)
+        history.append(record)
+        # summary.json is written with every checkpoint: a resumed run must find its "before".
+        if checkpointer.save(it + 1, last_step=last, before_save=lambda: _write_summary(summary_path, summary)):
+            writer.print(f"stopping after iteration {it + 1} (preemption requested); checkpoint saved")
+            break
+    else:
+        if "after" not in summary:  # resumed after the last iteration
+            summary["after"] = evaluate(job)
+    backend.close()
+    return summary, history
+
+
+# ---- the steps ------------------------------------------------------------------------------
+
+def assign_rewards(batch: RolloutBatch, cfg) -> Dict[str, int]:
+    """Score and shape on rank 0 (one reward call per kind), then share: sets ``Sample.reward``,
+    ``correct``, ``reward_parts`` on every rank. Returns the reward error / timeout counts."""
+    counts: Dict[str, int] = {}
+    if dist.get_rank() == 0:
+        counts = score(batch.samples, cfg.data.reward, cfg.rl.reward_timeout_s)
+        shape_rewards(batch, cfg)
+    return _broadcast_scores(batch.samples, counts)
+
+
+def set_reference_logprobs(trainer: Trainer, samples: List[Sample], adv_N: torch.Tensor, seq_length: int,
+                           pad_id: int) -> None:
+    """``Sample.ref_logp`` / ``ref_token_logp``: log π_θi of each sample, recomputed by the trainer."""
+    dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    packs = pack_samples(samples, list(range(len(samples))), seq_length, pad_id, dp_rank, dp, adv_N)
+    ref_N, ref_tokens = reference_logprobs(trainer.model, packs, samples, seq_length)
+    for s, lp, tok in zip(samples, ref_N.tolist(), ref_tokens):
+        s.ref_logp, s.ref_token_logp = lp, tok
+
+
+def update_policy(trainer: Trainer, samples: List[Sample], adv_N: torch.Tensor, cfg, iteration: int,
+                  pad_id: int) -> List[dict]:
+    """``rl.updates_per_iteration`` optimizer steps, over a random split of the samples."""
+    if cfg.rl.reset_optimizer:
+        trainer.reset_optimizer_state()
+    dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    # As for the prompt pick (rl/data.py): a generator per (seed, iteration), nothing to checkpoint;
+    # another prime multiplier, so that for a seed other than 0 the two streams differ.
+    rng = np.random.default_rng(cfg.training.seed * 1_000_003 + iteration)
+    perm = rng.permutation(len(samples)).tolist()
+    return [trainer.step(pack_samples(samples, mb.tolist(), cfg.training.seq_length, pad_id, dp_rank, dp, adv_N))
+            for mb in np.array_split(np.array(perm), cfg.rl.updates_per_iteration)]
+
+
+def evaluate(job: RLJob) -> Dict[str, float]:
+    """Greedy held-out accuracy and mean response length (collective)."""
+    samples = job.generator.greedy(job.backend, job.heldout_prompts)
+    if dist.get_rank() == 0:
+        score(samples, job.cfg.data.reward, job.cfg.rl.reward_timeout_s)
+    payload = [[(s.correct,) for s in samples]] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(payload, src=0)
+    correct = [c for (c,) in payload[0]]
+    return {"accuracy": float(np.mean(correct)),
+            "response_length": float(np.mean([x.response_length for x in samples]))}
+
+
+# ---- rewards --------------------------------------------------------------------------------
 
 def score(samples: Sequence[Sample], reward_override: str | None, timeout_s: float = 300.0) -> Dict[str, int]:
     """Task reward per sample (grouped by reward kind, one batched call each, within ``timeout_s``).
@@ -85,61 +208,7 @@ def _broadcast_scores(samples: List[Sample], counts: Dict[str, int]) -> Dict[str
     return payload[1]
 
 
-def rl_iteration(ctx: RLContext, iteration: int, prompts: List[Prompt]) -> Dict[str, float]:
-    cfg, trainer = ctx.cfg, ctx.trainer
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp = parallel_state.get_data_parallel_world_size()
-    t0 = time.perf_counter()
-
-    # 1. Rollout: k samples per prompt from the current policy.
-    samples = ctx.rollout(iteration, prompts, False)
-    batch = RolloutBatch(iteration=iteration, k=cfg.rl.k, samples=samples)
-    t1 = time.perf_counter()
-
-    # 2. Rewards (scored once, on rank 0, then shared).
-    counts: Dict[str, int] = {}
-    if dist.get_rank() == 0:
-        counts = score(samples, cfg.data.reward, cfg.rl.reward_timeout_s)
-        shape_rewards(batch, cfg)
-    counts = _broadcast_scores(samples, counts)
-    t2 = time.perf_counter()
-
-    # 3. Reference log-probs log π_θi(y|x), recomputed by the trainer.
-    order = list(range(len(samples)))
-    cap = cfg.training.seq_length
-    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
-    adv = group_baseline(rewards, torch.tensor([s.prompt_index for s in samples]))
-    ref, ref_tokens = reference_logprobs(trainer.b.model, pack_samples(samples, order, cap, ctx.pad_id, dp_rank, dp,
-                                                                       adv), samples, cap)
-    for s, lp, tok in zip(samples, ref.tolist(), ref_tokens):
-        s.ref_logp, s.ref_token_logp = lp, tok
-    t3 = time.perf_counter()
-
-    # 4. A few optimizer steps on the mirror-descent loss over mini-batches of the samples.
-    if cfg.rl.reset_optimizer:
-        reset_optimizer_state(trainer.b.optimizer)
-    rng = np.random.default_rng(cfg.training.seed * 1_000_003 + iteration)
-    perm = rng.permutation(len(samples)).tolist()
-    minibatches = np.array_split(np.array(perm), cfg.rl.updates_per_iteration)
-    steps = []
-    for mb in minibatches:
-        steps.append(trainer.train_step(pack_samples(samples, mb.tolist(), cap, ctx.pad_id, dp_rank, dp, adv)))
-        trainer.state.step += 1
-    t4 = time.perf_counter()
-    metrics = iteration_metrics(batch, steps, {"rollout": t1 - t0, "scoring": t2 - t1, "reference": t3 - t2,
-                                               "train": t4 - t3})
-    metrics.update(counts)
-    return metrics
-
-
-def reset_optimizer_state(optimizer) -> None:
-    """Zero Adam's moments and step counters (the paper resets the optimizer every iteration)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in opt.optimizer.state.values():
-            for v in state.values():
-                if isinstance(v, torch.Tensor):
-                    v.zero_()
-
+# ---- records --------------------------------------------------------------------------------
 
 def iteration_metrics(batch: RolloutBatch, steps: List[dict], times: Dict[str, float]) -> Dict[str, float]:
     s = batch.samples
@@ -165,18 +234,37 @@ def iteration_metrics(batch: RolloutBatch, steps: List[dict], times: Dict[str, f
     }
     if entropies:
         out["entropy"] = float(np.mean(entropies))
-    # KL proxy: mean over samples of log π_θ/π_θi during the updates (report = [loss, n, Σ log-ratio]).
-    out["log_ratio"] = float(np.mean([st["report"][2] / max(st["report"][1], 1.0) for st in steps]))
+    # KL proxy: the mean over samples of log π_θ/π_θi during the updates.
+    out["log_ratio"] = float(np.mean([st["report"]["log_ratio_sum"] / max(st["report"]["loss_count"], 1.0)
+                                      for st in steps]))
     return out
 
 
-def evaluate(ctx: RLContext, prompts: List[Prompt]) -> Dict[str, float]:
-    """Greedy held-out accuracy and mean response length."""
-    samples = ctx.rollout(-1, prompts, True)
+class _Laps(dict):
+    """Seconds per phase: ``lap(name)`` records the time since the previous lap (or creation)."""
+
+    def __init__(self):
+        super().__init__()
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self[name], self._t = now - self._t, now
+
+
+def read_history(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_summary(path: Path, summary: dict) -> None:
     if dist.get_rank() == 0:
-        score(samples, ctx.cfg.data.reward, ctx.cfg.rl.reward_timeout_s)
-    payload = [[(s.correct,) for s in samples]] if dist.get_rank() == 0 else [None]
-    dist.broadcast_object_list(payload, src=0)
-    correct = [c for (c,) in payload[0]]
-    return {"accuracy": float(np.mean(correct)),
-            "response_length": float(np.mean([x.response_length for x in samples]))}
+        write_atomic(path, json.dumps(summary, indent=1))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A kill mid-write leaves the old file, not a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -27,9 +27,8 @@ number of consecutive most-recent positions t with ``x[t] == x[t-p]``.  The long
 suffix then has length ``run[p] + p``; the tail is a loop iff for some p
 ``run[p] + p >= max(min_repeats·p, min_tokens)``.  One update is O(max_period) time, memory
 O(max_period) per sequence (a ring buffer of the last ``max_period`` tokens), independent of the
-sequence length.  :class:`RepeatDetector` does one sequence in pure Python;
-:class:`BatchRepeatDetector` updates B sequences per call with numpy (one vectorised O(B·P) step).
-:func:`detect_repeat` / :func:`first_repeat_index` are the offline (whole sequence) versions and give
+sequence length.  :class:`RepeatDetector` does one sequence in pure Python (the rollout engine runs
+one per sequence); :func:`detect_repeat` / :func:`first_repeat_index` are the offline (whole sequence) versions and give
 exactly what feeding the tokens one by one gives.
 """
 
@@ -37,16 +36,12 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-import numpy as np
-
 __all__ = [
     "length_penalty",
     "length_penalty_active",
     "RepeatDetector",
-    "BatchRepeatDetector",
     "detect_repeat",
     "first_repeat_index",
-    "repeat_penalty",
     "DEFAULT_MAX_PERIOD",
     "DEFAULT_MIN_REPEATS",
     "DEFAULT_MIN_TOKENS",
@@ -145,50 +140,6 @@ class RepeatDetector:
         return self._n
 
 
-class BatchRepeatDetector:
-    """:class:`RepeatDetector` for B sequences at once (numpy): ``update(tokens[B]) -> bool[B]``.
-
-    ``active`` (bool[B]) skips finished slots; ``reset(i)`` starts a new sequence in slot ``i``.
-    """
-
-    def __init__(self, batch_size: int, max_period: int = DEFAULT_MAX_PERIOD,
-                 min_repeats: int = DEFAULT_MIN_REPEATS, min_tokens: int = DEFAULT_MIN_TOKENS):
-        self.B, self.P = int(batch_size), int(max_period)
-        self._thr = np.asarray(_thresholds(self.P, int(min_repeats), int(min_tokens))[1:], dtype=np.int64)
-        self._p = np.arange(1, self.P + 1, dtype=np.int64)
-        self._buf = np.full((self.B, self.P), -1, dtype=np.int64)
-        self._run = np.zeros((self.B, self.P), dtype=np.int64)
-        self._n = np.zeros(self.B, dtype=np.int64)
-        self.triggered = np.zeros(self.B, dtype=bool)
-        self.first_index = np.full(self.B, -1, dtype=np.int64)
-
-    def reset(self, i: Optional[int] = None) -> None:
-        sl = slice(None) if i is None else i
-        self._buf[sl] = -1
-        self._run[sl] = 0
-        self._n[sl] = 0
-        self.triggered[sl] = False
-        self.first_index[sl] = -1
-
-    def update(self, tokens, active=None) -> np.ndarray:
-        tok = np.asarray(tokens, dtype=np.int64).reshape(self.B)
-        act = np.ones(self.B, dtype=bool) if active is None else np.asarray(active, dtype=bool)
-        n = self._n
-        idx = (n[:, None] - self._p[None, :]) % self.P  # ring slot of x[n-p]
-        prev = np.take_along_axis(self._buf, idx, axis=1)
-        eq = (prev == tok[:, None]) & (self._p[None, :] <= n[:, None])
-        new_run = np.where(eq, self._run + 1, 0)
-        self._run = np.where(act[:, None], new_run, self._run)
-        hit = act & (new_run >= self._thr[None, :]).any(axis=1)
-        rows = np.nonzero(act)[0]
-        self._buf[rows, n[rows] % self.P] = tok[rows]
-        newly = hit & ~self.triggered
-        self.first_index[newly] = n[newly]
-        self.triggered |= hit
-        self._n = np.where(act, n + 1, n)
-        return hit
-
-
 def first_repeat_index(token_ids: Sequence[int], max_period: int = DEFAULT_MAX_PERIOD,
                        min_repeats: int = DEFAULT_MIN_REPEATS,
                        min_tokens: int = DEFAULT_MIN_TOKENS) -> Optional[int]:
@@ -208,8 +159,3 @@ def detect_repeat(token_ids: Sequence[int], max_period: int = DEFAULT_MAX_PERIOD
         d = RepeatDetector(max_period, min_repeats, min_tokens)
         return d.extend(token_ids)
     return first_repeat_index(token_ids, max_period, min_repeats, min_tokens) is not None
-
-
-def repeat_penalty(is_repeat: bool, penalty: float) -> float:
-    """The reward term for a repeating response: ``-|penalty|`` if ``is_repeat`` else 0."""
-    return -abs(float(penalty)) if is_repeat else 0.0

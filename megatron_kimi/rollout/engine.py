@@ -16,6 +16,11 @@ gathered to the full vocabulary; sampling is deterministic given the logits and 
 seeds, and the sampled tokens (with their logprobs) are broadcast from TP rank 0 so the ranks can
 never drift apart. Pipeline / context parallelism: not supported (a clear error).
 
+Memory: the KV cache is allocated at the first ``generate`` (or ``resume``) and kept between calls;
+``release`` frees it (the trainer needs the memory), ``resume`` restores it. As an RL rollout backend
+(:class:`~megatron_kimi.rollout.backend.RolloutBackend`) ``update_weights`` is a no-op: the engine
+reads the trainer's live parameters.
+
 Logprobs: ``GenerationResult.logprobs`` are ``log_softmax`` of the raw logits (temperature 1, over
 the padded vocabulary like the trainer's loss, unless ``vocab_size`` masks the padding), i.e. the
 policy's log pi of each sampled token; ``sampling_logprobs`` are those of the distribution actually
@@ -35,7 +40,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_kimi.rollout.kv_cache import SlotKVCache
-from megatron_kimi.rollout.model_runner import MegatronRunner
+from megatron_kimi.rollout.model_runner import MegatronRunner, unwrap_gpt_model
 from megatron_kimi.rollout.sampling import SamplingParams, sample_batch
 
 FINISH_REASONS = ("stop", "length", "repeat")
@@ -137,12 +142,14 @@ class GenerationEngine:
         self.vocab_size = vocab_size
         self.sync_tp = sync_tp
         self.cache: Optional[SlotKVCache] = None
+        self.released = False  # release() freed the cache; generate needs resume() first
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ public API
 
     def generate(self, requests: Sequence[GenerationRequest]) -> List[GenerationResult]:
         """Generate for every request (same order). All TP ranks must call it with the same requests."""
+        assert not self.released, "generate() after release(): resume() first"
         requests = list(requests)
         padded = self.runner.padded_vocab_size
         for r in requests:
@@ -296,9 +303,26 @@ class GenerationEngine:
         text = self.decode_fn(out[-window:])
         return any(x in text for x in stop_strings)
 
-    def free_cache(self) -> None:
-        """Release the KV cache (e.g. before a training step); the next ``generate`` reallocates it."""
+    # ------------------------------------------------------------------ RolloutBackend lifecycle
+
+    def update_weights(self, model) -> None:
+        """Nothing to copy: the engine runs the trainer's own modules, so it always has their weights."""
+        assert not self.released, "update_weights() after release(): resume() first"
+        assert unwrap_gpt_model(model) is self.runner.gpt, "the built-in engine generates with the model it was built on"
+
+    def release(self) -> None:
+        """Free the KV cache for training. (On CUDA the blocks go back to PyTorch's caching allocator,
+        which the trainer, in this process, reuses; no ``empty_cache``.)"""
         self.cache = None
+        self.released = True
+
+    def resume(self) -> None:
+        """Allocate the KV cache again (as the first ``generate`` would)."""
+        self.released = False
+        self._ensure_cache()
+
+    def close(self) -> None:
+        self.release()
 
     def _retire(self, active: List[_Seq], results: List, cache: SlotKVCache) -> None:
         """Remove finished sequences; keep the rest compacted in slots 0..B'-1."""

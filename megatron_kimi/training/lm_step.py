@@ -52,11 +52,20 @@ def lm_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     return output_BS, partial(_loss_func, loss_mask)
 
 
-REPORT_WIDTH = {"lm_loss": 2, "rl": 3}
+# What the report tensor of each loss key holds, in order (one tensor: one all-reduce per step).
+# ``loss_count`` is what the loss is averaged over: loss tokens (LM) or samples (RL).
+REPORT_FIELDS = {"lm_loss": ("loss_sum", "loss_count"), "rl": ("loss_sum", "loss_count", "log_ratio_sum")}
 
 
 def report_width(key: str) -> int:
-    return REPORT_WIDTH.get(key, 2)
+    return len(REPORT_FIELDS.get(key, REPORT_FIELDS["lm_loss"]))
+
+
+def named_report(values, key: str = "lm_loss") -> Dict[str, float]:
+    """A global report (:func:`~megatron_kimi.training.trainer.global_report`) by field name."""
+    names = REPORT_FIELDS.get(key, REPORT_FIELDS["lm_loss"])
+    assert len(values) == len(names), (key, len(values), names)
+    return dict(zip(names, values))
 
 
 def reduce_reports(reports: list, key: str = "lm_loss") -> torch.Tensor:

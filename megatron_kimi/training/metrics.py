@@ -63,6 +63,15 @@ class MetricsWriter:
             self._bar = tqdm(total=progress_total, initial=progress_initial, unit="step", dynamic_ncols=True,
                              file=sys.stderr, mininterval=1.0)
 
+    @classmethod
+    def from_config(cls, cfg, enabled: bool, progress_total: Optional[int] = None,
+                    progress_initial: int = 0) -> "MetricsWriter":
+        """The writer of a command: ``cfg.run_dir``, ``cfg.logging``; progress over ``progress_total`` steps
+        (iterations for rl), starting at ``progress_initial`` (a resumed run)."""
+        lg = cfg.logging
+        return cls(cfg.run_dir, enabled=enabled, tensorboard=lg.tensorboard, progress_total=progress_total,
+                   progress_initial=progress_initial, progress_bar=lg.progress_bar, log_interval=lg.log_interval)
+
     def log(self, record: dict, step: int) -> None:
         if not self.enabled:
             return

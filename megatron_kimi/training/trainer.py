@@ -12,16 +12,16 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Protocol
+from typing import Callable, Dict, List, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_kimi.platform import preemption
 from megatron_kimi.training import checkpoint as ckpt
-from megatron_kimi.training.lm_step import reduce_reports
+from megatron_kimi.training.checkpointer import Checkpointer
+from megatron_kimi.training.lm_step import named_report, reduce_reports
 from megatron_kimi.training.metrics import MetricsWriter, peak_memory_mb
 from megatron_kimi.training.runtime import ModelBundle
 
@@ -49,8 +49,8 @@ def _device() -> torch.device:
 
 
 def global_report(reports: list, key: str = "lm_loss") -> List[float]:
-    """The micro-batch reports (``[loss_sum, count, extra sums...]``) summed over the global batch,
-    on every rank."""
+    """The micro-batch reports (``[loss_sum, loss_count, extra sums...]``, ``lm_step.REPORT_FIELDS``)
+    summed over the global batch, on every rank."""
     t = reduce_reports(reports, key).to(_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
@@ -86,6 +86,13 @@ def _any_nonfinite_grad(chunks) -> bool:
 
 
 class Trainer:
+    """Optimizer steps on a model bundle; the one owner of its model, optimizer and :class:`TrainState`.
+
+    Loops drive it through :meth:`step` (one optimizer step that advances the state), :meth:`fit`
+    (steps over a :class:`BatchSource`), :meth:`end_iteration`, :meth:`reset_optimizer_state`,
+    :meth:`save` / :meth:`load`; ``model`` (the chunks) is for forward-only passes and rollout engines.
+    """
+
     def __init__(
         self,
         bundle: ModelBundle,
@@ -95,7 +102,7 @@ class Trainer:
         loss_key: str = "lm_loss",
         max_consecutive_nan_steps: int = 5,
     ):
-        self.b = bundle
+        self._bundle = bundle
         self.max_consecutive_nan_steps = max_consecutive_nan_steps
         self.nan_streak = 0  # non-finite steps in a row, up to now
         self.forward_step_func = forward_step_func
@@ -103,11 +110,19 @@ class Trainer:
         self.micro_batch_size = micro_batch_size
         self.loss_key = loss_key
         self.state = TrainState()
-        self.stopped = False  # fit() ended early on should_stop() (preemption)
+
+    @property
+    def model(self) -> List:
+        """The (DDP-wrapped) model chunks."""
+        return self._bundle.model
 
     # ---- one optimizer step -------------------------------------------------------------
-    def train_step(self, microbatches: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        b = self.b
+    def train_step(self, microbatches: List[Dict[str, torch.Tensor]]) -> Dict[str, object]:
+        """One optimizer step on ``microbatches``; the state is not advanced (see :meth:`step`).
+
+        Returns the step's metrics; ``"report"`` is the global report by field name
+        (``lm_step.REPORT_FIELDS``: ``loss_sum``, ``loss_count``, ...)."""
+        b = self._bundle
         for chunk in b.model:
             chunk.zero_grad_buffer()
         b.optimizer.zero_grad()
@@ -126,8 +141,8 @@ class Trainer:
             micro_batch_size=self.micro_batch_size,
             forward_only=False,
         )
-        report = global_report(reports, self.loss_key)
-        loss_sum, tokens = report[0], report[1]
+        report = named_report(global_report(reports, self.loss_key), self.loss_key)
+        loss_sum, tokens = report["loss_sum"], report["loss_count"]
         # Like Megatron's check_for_nan_in_loss_and_grad, but a NaN/inf step is skipped (no parameter,
         # optimizer-state or LR-schedule change) and counted; only a streak of them stops the run.
         nonfinite = not math.isfinite(loss_sum) or _any_nonfinite_grad(b.model)
@@ -158,55 +173,72 @@ class Trainer:
                 "data there and the learning rate")
         return metrics
 
+    def step(self, microbatches: List[Dict[str, torch.Tensor]], samples: int = 0, tokens: int = 0) -> Dict[str, object]:
+        """:meth:`train_step`, then the state counts it (and the ``samples`` / ``tokens`` it consumed)."""
+        metrics = self.train_step(microbatches)
+        self.state.step += 1
+        self.state.consumed_samples += samples
+        self.state.consumed_tokens += tokens
+        return metrics
+
+    def set_stage(self, stage: int, seq_length: int, scheduler=None) -> None:
+        """Train stage ``stage`` (sft) at ``seq_length``. With a ``scheduler``, a fresh stage: its own LR
+        schedule and data position (``consumed_samples`` counts within a stage); the optimizer state
+        carries over."""
+        if scheduler is not None:
+            self._bundle.scheduler = scheduler
+            self.state = TrainState(step=self.state.step, stage=stage, nan_steps=self.state.nan_steps)
+        self.state.stage = stage
+        self.seq_length = seq_length
+
+    def end_iteration(self) -> None:
+        """An RL iteration is done (its count is checkpointed with the state)."""
+        self.state.iteration += 1
+
+    def reset_optimizer_state(self) -> None:
+        """Zero Adam's moments and step counters (the paper resets the optimizer every RL iteration)."""
+        optimizer = self._bundle.optimizer
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            for state in opt.optimizer.state.values():
+                for v in state.values():
+                    if isinstance(v, torch.Tensor):
+                        v.zero_()
+
     # ---- the loop -----------------------------------------------------------------------
-    def fit(
-        self,
-        source: BatchSource,
-        writer: MetricsWriter,
-        total_steps: int,
-        ckpt_root: Path,
-        save_interval: int = 0,
-        save_at_end: bool = True,
-        keep_last: int = 0,
-        tokens_per_sample: int = 0,
-        extra_state: Optional[dict] = None,
-        extra_record: Optional[dict] = None,
-        should_stop: Callable[[], bool] = lambda: False,
-    ) -> List[dict]:
-        """Train until ``total_steps``; returns this call's per-step records."""
+    def fit(self, source: BatchSource, writer: MetricsWriter, total_steps: int, checkpointer: Checkpointer,
+            tokens_per_sample: int = 0, extra_record: Optional[dict] = None) -> List[dict]:
+        """Train until ``total_steps`` or a preemption stop (``checkpointer.stopped``); returns this
+        call's per-step records."""
         s = self.state
         history = []
         while s.step < total_steps:
             t0 = time.perf_counter()
-            metrics = self.train_step(source.microbatches(s.consumed_samples))
-            dt = time.perf_counter() - t0
-            s.step += 1
-            s.consumed_samples += source.global_batch_size
             step_tokens = source.global_batch_size * tokens_per_sample
-            s.consumed_tokens += step_tokens
+            metrics = self.step(source.microbatches(s.consumed_samples), source.global_batch_size, step_tokens)
+            dt = time.perf_counter() - t0
             metrics.pop("report")
             record = {"step": s.step, **(extra_record or {}), **metrics, "tokens": step_tokens, "tokens_per_s": step_tokens / dt,
                       "step_time_s": dt, "consumed_samples": s.consumed_samples, "peak_memory_mb": peak_memory_mb()}
             writer.log(record, s.step)
             history.append(record)
-            stop = should_stop()
-            if (save_interval and s.step % save_interval == 0) or stop or (save_at_end and s.step == total_steps):
-                saved = self.save(ckpt_root, keep_last, extra_state)
-            if stop:
-                preemption.confirm_saved(saved, s.step)
+            if checkpointer.save(s.step, last_step=s.step == total_steps):
                 writer.print(f"stopping at step {s.step} (preemption requested); checkpoint saved")
-                self.stopped = True
                 break
         return history
 
     def save(self, ckpt_root: Path, keep_last: int = 0, extra: Optional[dict] = None) -> Path:
-        return ckpt.save(ckpt_root, self.state.step, self.b.model, self.b.optimizer, self.b.scheduler,
-                         asdict(self.state), extra=extra, keep_last=keep_last)
+        b = self._bundle
+        return ckpt.save(ckpt_root, self.state.step, b.model, b.optimizer, b.scheduler, asdict(self.state),
+                         extra=extra, keep_last=keep_last)
 
-    def load(self, ckpt_dir: Path, load_optimizer: bool = True) -> None:
+    def load(self, ckpt_dir: Path, load_optimizer: bool = True) -> bool:
+        """Load ``ckpt_dir``; with ``load_optimizer`` (and a checkpoint that has it) also the optimizer,
+        LR schedule and :class:`TrainState`. Returns whether the training state was restored."""
+        b = self._bundle
         common = ckpt.read_common(ckpt_dir)
         with_optim = load_optimizer and "optimizer" in common.get("contents", ("optimizer",))
-        state = ckpt.load(ckpt_dir, self.b.model, self.b.optimizer if with_optim else None,
-                          self.b.scheduler if with_optim else None)
+        state = ckpt.load(ckpt_dir, b.model, b.optimizer if with_optim else None, b.scheduler if with_optim else None)
         if with_optim and state:
             self.state = TrainState(**{k: state[k] for k in asdict(TrainState()) if k in state})
+            return True
+        return False

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 
 from megatron_kimi.rl.shaping import (
-    BatchRepeatDetector,
     RepeatDetector,
     detect_repeat,
     first_repeat_index,
     length_penalty,
     length_penalty_active,
-    repeat_penalty,
 )
 
 
@@ -52,12 +49,6 @@ def test_warmup_boundary():
     assert length_penalty_active(3, 3)
     assert length_penalty_active(10, 3)
     assert length_penalty_active(0, 0)
-
-
-def test_repeat_penalty():
-    assert repeat_penalty(True, 1.0) == -1.0
-    assert repeat_penalty(True, -0.5) == -0.5
-    assert repeat_penalty(False, 1.0) == 0.0
 
 
 # ---------------------------------------------------------------------------------- repeats
@@ -143,33 +134,6 @@ def test_incremental_equals_bruteforce_on_every_prefix(seed):
     assert detect_repeat(seq, P, R, M) == any(inc)
     assert detect_repeat(seq, P, R, M, tail_only=True) == inc[-1]
     assert first_repeat_index(seq, P, R, M) == (inc.index(True) if any(inc) else None)
-
-
-def test_batch_detector_equals_single():
-    rng = random.Random(0)
-    B, T = 5, 300
-    seqs = []
-    for b in range(B):
-        s = []
-        while len(s) < T:
-            blk = [rng.randrange(8) for _ in range(rng.randint(1, 20))]
-            s += blk * (rng.randint(1, 6) if rng.random() < 0.4 else 1)
-        seqs.append(s[:T])
-    singles = [RepeatDetector(16, 3, 12) for _ in range(B)]
-    batch = BatchRepeatDetector(B, 16, 3, 12)
-    active = np.ones(B, dtype=bool)
-    active[3] = False  # a finished slot is not updated
-    for t in range(T):
-        toks = [s[t] for s in seqs]
-        got = batch.update(toks, active=active)
-        want = [singles[b].update(toks[b]) if active[b] else False for b in range(B)]
-        assert got.tolist() == want
-    for b in range(B):
-        if active[b]:
-            assert batch.triggered[b] == singles[b].triggered
-            assert batch.first_index[b] == (singles[b].first_index if singles[b].triggered else -1)
-    batch.reset(0)
-    assert not batch.triggered[0] and batch.first_index[0] == -1
 
 
 def test_reset_and_factory_default_constructor():

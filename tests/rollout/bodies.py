@@ -127,6 +127,39 @@ def _pack(results):
                  finish=r.finish_reason, seed=r.seed) for r in results]
 
 
+def _release_and_resume(engine, chunks):
+    import gc
+    import weakref
+
+    from megatron_kimi.rollout import RolloutBackend, SamplingParams
+
+    def greedy():
+        return _pack(engine.generate(_requests(lambda i: SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW[i],
+                                                                        seed=i))))
+
+    out = {"is_backend": isinstance(engine, RolloutBackend), "before": greedy()}
+    cache = engine.cache
+    shape, nbytes = tuple(cache.k.shape), cache.nbytes
+    refs = [weakref.ref(cache.k), weakref.ref(cache.v)]
+    del cache
+    engine.release()
+    gc.collect()
+    out["freed"] = engine.cache is None and all(r() is None for r in refs)
+    for name, call in (("generate", greedy), ("update_weights", lambda: engine.update_weights(chunks))):
+        try:
+            call()
+            out[f"{name}_released"] = "allowed"
+        except AssertionError as e:
+            out[f"{name}_released"] = str(e)
+    engine.resume()
+    out["restored"] = engine.cache is not None and (tuple(engine.cache.k.shape), engine.cache.nbytes) == (shape, nbytes)
+    engine.update_weights(chunks)  # a no-op: the engine runs the trainer's modules
+    out["after"] = greedy()
+    engine.close()
+    out["closed"] = engine.cache is None
+    return out
+
+
 def engine_job(rank, world_size, tp, with_reference=True, with_pp_check=False):
     from megatron_kimi.platform import cpu_emulation
 
@@ -216,6 +249,9 @@ def engine_job(rank, world_size, tp, with_reference=True, with_pp_check=False):
             except ValueError as e:
                 bad[name] = str(e)
         out["bad"] = bad
+
+        # 5. the RolloutBackend lifecycle: release() frees the KV cache, resume() restores it
+        out["lifecycle"] = _release_and_resume(engine, chunks)
 
         if with_reference:
             out["ref_greedy"] = reference_greedy(chunks, P, MAX_NEW)

@@ -106,6 +106,17 @@ def test_tp_ranks_agree_exactly(tp2_ranks):
         assert a[kind] == b[kind]  # tokens, logprobs (broadcast from TP rank 0), seeds
 
 
+@pytest.mark.parametrize("job", ["tp1", "tp2"])
+def test_release_frees_the_kv_cache_and_resume_restores_it(job, request):
+    life = request.getfixturevalue(job)["lifecycle"]
+    assert life["is_backend"]  # GenerationEngine implements rollout.backend.RolloutBackend
+    assert life["freed"]  # no cache, and its K and V tensors are gone
+    assert "resume() first" in life["generate_released"] and "resume() first" in life["update_weights_released"]
+    assert life["restored"]  # the same slots and length again
+    assert life["after"] == life["before"]  # tokens and logprobs, exactly
+    assert life["closed"]
+
+
 def test_pipeline_parallel_is_refused(tp2):
     assert "pipeline-parallel generation is not supported" in tp2["errors"]["pp"]
     assert "exactly one model chunk" in tp2["errors"]["chunks"]

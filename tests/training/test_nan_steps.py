@@ -59,6 +59,7 @@ def nan_steps_body(rank, world_size, run_dir):
     try:
         first = step(0)
         out["first"] = (first["nan_skipped"], math.isfinite(first["loss"]), first["skipped"])
+        out["first_report"] = (first["loss"], first["loss_tokens"], first["report"])
         for how in ("loss", "grad"):
             before = snapshot()
             m = step(1, how)
@@ -88,6 +89,12 @@ def nan_run(tmp_path_factory):
 
 def test_a_normal_step_is_not_flagged(nan_run):
     assert nan_run["first"] == (0, True, 0)
+
+
+def test_the_step_report_is_named(nan_run):
+    loss, tokens, report = nan_run["first_report"]
+    assert set(report) == {"loss_sum", "loss_count"}  # lm_step.REPORT_FIELDS["lm_loss"]
+    assert report["loss_count"] == tokens > 0 and loss == report["loss_sum"] / report["loss_count"]
 
 
 @pytest.mark.parametrize("how", ["loss", "grad"])
