@@ -17,6 +17,8 @@ COMMANDS: Dict[str, Tuple[type, str, str]] = {
     "train": (TrainConfig, "megatron_kimi.commands.train:run", "causal-LM training on a corpus"),
     "sft": (SFTConfig, "megatron_kimi.commands.sft:run", "packed SFT over one or more stages"),
     "rl": (RLConfig, "megatron_kimi.commands.rl:run", "online mirror-descent RL with verifiable rewards"),
+    "difficulty": (RLConfig, "megatron_kimi.commands.difficulty:run",
+                   "each RL prompt's difficulty (1 - pass rate of a checkpoint) into a jsonl"),
 }
 
 

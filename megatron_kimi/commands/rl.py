@@ -63,7 +63,8 @@ def build_job(cfg: RLConfig, ctx: DistContext) -> Job:
     result: dict = {}
 
     def fit(run: Run) -> None:
-        result["summary"], result["history"] = loop.train(job, run.writer, run.checkpointer, run.run_dir, run.resumed)
+        result["summary"], result["history"] = loop.train(job, run.writer, run.checkpointer, run.run_dir,
+                                                          run.start if run.resumed else None)
 
     def summary(run: Run) -> None:
         if run.checkpointer.stopped:  # summary.json was written with the stop checkpoint

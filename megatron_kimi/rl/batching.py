@@ -1,7 +1,7 @@
 """Rollout samples -> packed THD micro-batches, the trainer's reference log-probs, the RL forward step.
 
 Samples (prompt + response) are packed best-fit-decreasing into packs of ``capacity`` tokens; the loss
-mask covers response tokens only. Each pack carries, per sample, the advantage ``r − r̄``, the
+mask covers response tokens only (from ``Sample.loss_start`` on: partial rollouts). Each pack carries, per sample, the advantage ``r − r̄``, the
 reference log-prob ``log π_θi(y|x)`` and the sample's index in the rollout batch, and (once the
 reference pass has run) the reference log-prob of every loss token. Every DP rank gets the same
 number of packs (empty ones, with no samples, fill the gap).
@@ -38,8 +38,9 @@ def _loss_mask(n_prompt: int, n: int) -> List[float]:
 
 
 def loss_token_count(sample: Sample) -> int:
-    """How many loss tokens (masked labels) the sample has in a pack: its response tokens."""
-    return int(sum(_loss_mask(len(sample.prompt_ids), sample.length)))
+    """How many loss tokens (masked labels) the sample has in a pack: its response tokens from
+    ``loss_start`` on (partial rollouts: earlier segments are context)."""
+    return int(sum(_loss_mask(len(sample.prompt_ids) + sample.loss_start, sample.length)))
 
 
 def _old_logp(loss_mask_1T: torch.Tensor, per_sample: List[torch.Tensor]) -> torch.Tensor:
@@ -57,7 +58,7 @@ def _pack(samples: Sequence[Sample], indices: List[int], capacity: int, pad_id: 
     for i in indices:
         s = samples[i]
         ids = list(s.prompt_ids) + list(s.response_ids)
-        n_prompt = len(s.prompt_ids)
+        n_prompt = len(s.prompt_ids) + s.loss_start  # labels before it are context
         tokens += ids
         labels += ids[1:] + [pad_id]
         mask += _loss_mask(n_prompt, len(ids))

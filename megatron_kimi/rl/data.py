@@ -1,5 +1,5 @@
 """RL prompts: jsonl loading (errors name file:line), the embedded arithmetic set, the training and
-held-out sets of a run, the per-iteration pick, prompt tokenization."""
+held-out sets of a run, prompt tokenization. (Which of them an iteration trains on: rl/prompt_sampler.py.)"""
 
 from __future__ import annotations
 
@@ -112,13 +112,3 @@ def load_prompt_sets(cfg) -> Tuple[List[Prompt], List[Prompt]]:
         held = train[-d.eval_size:]
         train = train[:-d.eval_size] or train
     return train, held[: d.eval_size]
-
-
-def pick_prompts(prompts: List[Prompt], n: int, seed: int, iteration: int) -> List[Prompt]:
-    """Iteration ``iteration``'s ``n`` distinct prompts (all of them if fewer)."""
-    # A generator per (seed, iteration), not one carried across iterations: a resumed run draws the
-    # same picks without checkpointing RNG state. x7919 (a prime above any iteration count) keeps the
-    # streams of different seeds apart.
-    rng = np.random.default_rng(seed * 7919 + iteration)
-    pick = rng.choice(len(prompts), size=min(n, len(prompts)), replace=False)
-    return [prompts[i] for i in pick]

@@ -9,12 +9,13 @@ within a prompt), so the rewards and the training packs are the same on every ra
 from __future__ import annotations
 
 import zlib
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_kimi.rl.data import prompt_token_ids
+from megatron_kimi.rl.partial import ReplayBuffer, Trajectory, loss_start
 from megatron_kimi.rl.shaping import RepeatDetector
 from megatron_kimi.rl.types import Prompt, RolloutBatch, Sample
 from megatron_kimi.rollout.backend import RolloutBackend
@@ -22,12 +23,14 @@ from megatron_kimi.rollout.engine import GenerationRequest
 from megatron_kimi.rollout.sampling import SamplingParams
 
 
-def request_seed(rollout_seed: int, iteration: int, prompt_index: int, sample_index: int) -> int:
-    """The sampling seed of sample ``sample_index`` of prompt ``prompt_index`` in ``iteration``.
+def request_seed(rollout_seed: int, iteration: int, prompt_index: int, sample_index: int, segment: int = 0) -> int:
+    """The sampling seed of sample ``sample_index`` of prompt ``prompt_index`` in ``iteration`` (partial
+    rollouts: of its ``segment``-th round within the iteration).
 
-    A hash of the four, not a draw from a running generator: a sample's tokens do not depend on the
+    A hash of them, not a draw from a running generator: a sample's tokens do not depend on the
     rank or engine slot that generates it, and a resumed run regenerates the same samples."""
-    return zlib.crc32(f"{rollout_seed}|{iteration}|{prompt_index}|{sample_index}".encode())
+    key = f"{rollout_seed}|{iteration}|{prompt_index}|{sample_index}" + (f"|{segment}" if segment else "")
+    return zlib.crc32(key.encode())
 
 
 class SampleGenerator:
@@ -45,16 +48,70 @@ class SampleGenerator:
         return RolloutBatch(iteration=iteration, k=k, samples=self._generate(backend, prompts, k, lambda pi, j: self._params(
             ro.temperature, request_seed(ro.seed, iteration, pi, j))))
 
+    def sample_partial(self, backend: RolloutBackend, iteration: int, buffer: ReplayBuffer,
+                       new_prompts: Sequence[int], train_prompts: Sequence[Prompt]) -> RolloutBatch:
+        """Partial rollouts (rl/partial.py): ``k`` new trajectories per prompt of ``new_prompts`` (indices
+        into ``train_prompts``) join the buffer, every unfinished trajectory gets one segment of at most
+        ``rollout.partial_budget`` tokens, and the groups that are now complete come back as samples.
+
+        ``Sample.prompt_index`` is the group id (a prompt drawn twice makes two groups; the baseline is
+        per group); ``dataset_index`` the prompt's index in ``train_prompts``."""
+        buffer.add(new_prompts, [prompt_token_ids(self.tokenizer, train_prompts[i]) for i in new_prompts])
+        complete: list = []
+        # An iteration that would finish no group (so train on nothing) runs more segments under the same
+        # weights until one does: every iteration then has optimizer steps, and its own checkpoint. Ends:
+        # every trajectory finishes within partial_max_segments segments.
+        for segment in range(buffer.max_segments):
+            self.segment_round(backend, iteration, segment, buffer)
+            complete = buffer.pop_complete()
+            if complete or not buffer.pending():
+                break
+        samples = [self.from_trajectory(t, train_prompts) for group in complete for t in group]
+        return RolloutBatch(iteration=iteration, k=buffer.k, samples=samples)
+
+    def segment_round(self, backend: RolloutBackend, iteration: int, segment: int, buffer: ReplayBuffer) -> None:
+        """One segment of at most ``partial_budget`` tokens for every unfinished trajectory of ``buffer``
+        (DP-split, then gathered: every rank's buffer gets every segment, in the same order)."""
+        ro = self.cfg
+        pending = buffer.pending()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp = parallel_state.get_data_parallel_world_size()
+        mine = [n for n in range(len(pending)) if n % dp == dp_rank]
+        # The seed hashes the group id, not the prompt (two draws of one prompt sample differently), and
+        # the round (a second round within an iteration draws afresh).
+        results = backend.generate([GenerationRequest(
+            request_id=f"{pending[n].group}/{pending[n].sample_index}", prompt_ids=pending[n].next_input(),
+            params=self._params(ro.temperature, request_seed(ro.seed, iteration, pending[n].group,
+                                                             pending[n].sample_index, segment),
+                                max_new_tokens=buffer.budget_for(pending[n]))) for n in mine])
+        local = [(n, list(r.output_ids), list(r.logprobs), r.finish_reason, r.mean_entropy)
+                 for n, r in zip(mine, results)]
+        gathered: list = [None] * dp
+        dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
+        for n, out, lps, reason, ent in sorted(x for part in gathered for x in part):  # same order on every rank
+            buffer.extend(pending[n], out, lps, reason, version=iteration, mean_entropy=ent)
+
+    def from_trajectory(self, t: Trajectory, train_prompts: Sequence[Prompt]) -> Sample:
+        """The training sample of a finished trajectory."""
+        n = len(t.response_ids)
+        return Sample(prompt_index=t.group, prompt=train_prompts[t.prompt_index], prompt_ids=list(t.prompt_ids),
+                      response_ids=list(t.response_ids),
+                      response=self.tokenizer.decode(t.response_ids, skip_special_tokens=True),
+                      sampler_logprobs=list(t.logprobs), finish_reason=t.finish_reason,
+                      entropy=t.entropy_sum / n if n else None, dataset_index=t.prompt_index,
+                      loss_start=loss_start(t, self.cfg.partial_loss_segments), weight_versions=list(t.versions))
+
     def greedy(self, backend: RolloutBackend, prompts: List[Prompt]) -> List[Sample]:
         """One greedy response per prompt (held-out evaluation)."""
         # seed=0: greedy decoding draws nothing, but a request without a seed would draw one from
         # torch's default generator, the trainer's RNG stream.
         return self._generate(backend, prompts, 1, lambda pi, j: self._params(0.0, 0))
 
-    def _params(self, temperature: float, seed: int) -> SamplingParams:
+    def _params(self, temperature: float, seed: int, max_new_tokens: Optional[int] = None) -> SamplingParams:
         ro = self.cfg
         return SamplingParams(temperature=temperature, top_p=ro.top_p, top_k=ro.top_k,
-                              max_new_tokens=ro.max_new_tokens, stop_token_ids=self.stop_ids, seed=seed,
+                              max_new_tokens=ro.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                              stop_token_ids=self.stop_ids, seed=seed,
                               repeat_detector_factory=RepeatDetector if ro.repeat_detection else None)
 
     def _generate(self, backend: RolloutBackend, prompts: List[Prompt], k: int,

@@ -1,16 +1,20 @@
 """The Kimi k1.5 RL loop: online mirror descent with verifiable rewards (reads like the algorithm).
 
 Iteration i (the current policy π_θi is the reference):
-  1. prompts ← ``rl.prompts_per_iteration`` of the training prompts;
+  1. prompts ← ``rl.prompts_per_iteration`` of the training prompts (``data.sampling``: uniform,
+     curriculum or prioritized by success rate; rl/prompt_sampler.py);
   2. samples ← k responses per prompt from π_θi (the rollout backend), then the backend releases its
-     memory for training;
+     memory for training. With partial rollouts (``rollout.partial_budget``, rl/partial.py) each
+     trajectory gets one bounded segment per iteration, unfinished ones wait in the replay buffer, and
+     only groups whose k responses are all finished go on;
   3. rewards ← verifier / sandbox score + length penalty (after its warm-up) + repeat penalty;
   4. advantage ← r − r̄ (r̄: the mean reward of the prompt's k samples);
   5. log π_θi(y|x) ← the trainer (not the sampler's numbers: a train/rollout numeric mismatch cannot
      bias the loss; the mismatch is logged);
   6. ``rl.updates_per_iteration`` optimizer steps on L = mean_j (r_j − r̄ − τ·log π_θ/π_θi)² over
      mini-batches of the samples (optionally after resetting the optimizer state, as the paper does);
-  7. the backend resumes and takes the new weights; held-out evaluation and checkpoint when due.
+  7. the backend resumes and takes the new weights; held-out evaluation and checkpoint when due (the
+     prompt sampler's statistics and the replay buffer are in the checkpoint).
 
 The rollout backend's lifecycle is in :mod:`megatron_kimi.rollout.backend`.
 """
@@ -21,7 +25,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,13 +34,15 @@ from megatron.core import parallel_state
 
 from megatron_kimi.config import RLConfig
 from megatron_kimi.rl.batching import pack_samples, reference_logprobs
-from megatron_kimi.rl.data import pick_prompts
 from megatron_kimi.rl.generation import SampleGenerator
 from megatron_kimi.rl.loss import group_baseline
+from megatron_kimi.rl.partial import ReplayBuffer
+from megatron_kimi.rl.prompt_sampler import PromptSampler
 from megatron_kimi.rl.rewards import RewardInput, call_reward, get_reward
 from megatron_kimi.rl.shaping import length_penalty, length_penalty_active
 from megatron_kimi.rl.types import Prompt, RolloutBatch, Sample
 from megatron_kimi.rollout.backend import RolloutBackend
+from megatron_kimi.training import checkpoint as ckpt
 from megatron_kimi.training.checkpointer import Checkpointer
 from megatron_kimi.training.metrics import MetricsWriter
 from megatron_kimi.training.trainer import Trainer
@@ -56,15 +62,19 @@ class RLJob:
 
 
 def train(job: RLJob, writer: MetricsWriter, checkpointer: Checkpointer, run_dir: Path,
-          resumed: bool) -> Tuple[dict, List[dict]]:
+          resumed_from: Optional[Path]) -> Tuple[dict, List[dict]]:
     """Iterations from the trainer's count to ``rl.iterations`` (or a preemption stop: then
-    ``checkpointer.stopped``). Returns the summary (held-out accuracy ``before`` / ``after``) and
-    the per-iteration records of the whole run."""
+    ``checkpointer.stopped``). ``resumed_from``: the run's own checkpoint it resumes (None: a new run).
+    Returns the summary (held-out accuracy ``before`` / ``after``) and the per-iteration records of
+    the whole run."""
     cfg, r, trainer, backend = job.cfg, job.cfg.rl, job.trainer, job.backend
     summary_path = run_dir / "summary.json"
     # A resumed run keeps the evaluation before RL and the curves up to its checkpoint.
-    summary = json.loads(summary_path.read_text()) if (resumed and summary_path.is_file()) else {}
-    history = read_history(run_dir / "metrics.jsonl") if resumed else []
+    summary = json.loads(summary_path.read_text()) if (resumed_from and summary_path.is_file()) else {}
+    history = read_history(run_dir / "metrics.jsonl") if resumed_from else []
+    sampler, buffer = make_sampler(cfg, job.train_prompts), make_buffer(cfg)
+    if resumed_from is not None:
+        load_rl_state(ckpt.read_common(resumed_from).get("rl_state"), sampler, buffer)
 
     backend.resume()
     backend.update_weights(trainer.model)
@@ -75,23 +85,32 @@ def train(job: RLJob, writer: MetricsWriter, checkpointer: Checkpointer, run_dir
     for it in range(trainer.state.iteration, r.iterations):
         last = it + 1 == r.iterations
         times = _Laps()
-        prompts = pick_prompts(job.train_prompts, r.prompts_per_iteration, cfg.training.seed, it)
-        batch = job.generator.sample(backend, it, prompts, r.k)
+        picks = sampler.sample(r.prompts_per_iteration, it)
+        if buffer is None:
+            batch = job.generator.sample(backend, it, [job.train_prompts[i] for i in picks], r.k)
+            for s in batch.samples:
+                s.dataset_index = picks[s.prompt_index]
+        else:
+            batch = job.generator.sample_partial(backend, it, buffer, picks, job.train_prompts)
         backend.release()  # its KV cache is the trainer's memory until the update is done
         times.lap("rollout")
-        counts = assign_rewards(batch, cfg)
-        times.lap("scoring")
-        adv_N = group_baseline(torch.tensor([s.reward for s in batch.samples], dtype=torch.float64),
-                               torch.tensor([s.prompt_index for s in batch.samples]))
-        set_reference_logprobs(trainer, batch.samples, adv_N, cfg.training.seq_length, job.pad_id)
-        times.lap("reference")
-        steps = update_policy(trainer, batch.samples, adv_N, cfg, it, job.pad_id)
+        record = {"iteration": it + 1, "step": it + 1}
+        if batch.samples:  # partial rollouts: an iteration may complete no group yet
+            counts = assign_rewards(batch, cfg)
+            sampler.update([s.dataset_index for s in batch.samples], [float(s.correct) for s in batch.samples])
+            times.lap("scoring")
+            adv_N = group_baseline(torch.tensor([s.reward for s in batch.samples], dtype=torch.float64),
+                                   torch.tensor([s.prompt_index for s in batch.samples]))
+            set_reference_logprobs(trainer, batch.samples, adv_N, cfg.training.seq_length, job.pad_id)
+            times.lap("reference")
+            steps = update_policy(trainer, batch.samples, adv_N, cfg, it, job.pad_id)
+            times.lap("train")
+            record.update(iteration_metrics(batch, steps, times), **counts)
         trainer.end_iteration()
-        times.lap("train")
         backend.resume()
         backend.update_weights(trainer.model)
-
-        record = {"iteration": it + 1, "step": it + 1, **iteration_metrics(batch, steps, times), **counts}
+        if buffer is not None:
+            record.update(partial_metrics(batch, buffer, it))
         if last or (r.eval_interval and (it + 1) % r.eval_interval == 0):
             held = evaluate(job)
             if last:
@@ -100,7 +119,11 @@ def train(job: RLJob, writer: MetricsWriter, checkpointer: Checkpointer, run_dir
         writer.log(record, it + 1)
         history.append(record)
         # summary.json is written with every checkpoint: a resumed run must find its "before".
-        if checkpointer.save(it + 1, last_step=last, before_save=lambda: _write_summary(summary_path, summary)):
+        def before_save():
+            _write_summary(summary_path, summary)
+            checkpointer.extra["rl_state"] = rl_state(sampler, buffer)
+
+        if checkpointer.save(it + 1, last_step=last, before_save=before_save):
             writer.print(f"stopping after iteration {it + 1} (preemption requested); checkpoint saved")
             break
     else:
@@ -108,6 +131,45 @@ def train(job: RLJob, writer: MetricsWriter, checkpointer: Checkpointer, run_dir
             summary["after"] = evaluate(job)
     backend.close()
     return summary, history
+
+
+# ---- prompt sampling and partial rollouts ------------------------------------------------------
+
+def make_sampler(cfg, train_prompts: Sequence[Prompt]) -> PromptSampler:
+    d = cfg.data
+    return PromptSampler(train_prompts, d.sampling, cfg.training.seed, d.curriculum_switch_iteration,
+                         d.curriculum_easy_fraction, d.priority_floor)
+
+
+def make_buffer(cfg) -> Optional[ReplayBuffer]:
+    ro = cfg.rollout
+    if ro.partial_budget <= 0:
+        return None
+    return ReplayBuffer(cfg.rl.k, ro.partial_budget, ro.max_new_tokens, ro.partial_max_segments)
+
+
+def rl_state(sampler: PromptSampler, buffer: Optional[ReplayBuffer]) -> dict:
+    """What of the loop is not in the trainer's state: saved with every checkpoint."""
+    return {"sampler": sampler.state_dict(), "buffer": None if buffer is None else buffer.state_dict()}
+
+
+def load_rl_state(state: Optional[dict], sampler: PromptSampler, buffer: Optional[ReplayBuffer]) -> None:
+    if state is None:  # a checkpoint from before the sampler had state: start its statistics afresh
+        return
+    sampler.load_state_dict(state["sampler"])
+    if buffer is not None and state.get("buffer") is not None:
+        buffer.load_state_dict(state["buffer"])
+    elif buffer is not None or state.get("buffer") is not None:
+        raise ValueError("rollout.partial_budget must match the resumed checkpoint's (partial rollouts on in one "
+                         "and off in the other: its replay buffer cannot be carried over)")
+
+
+def partial_metrics(batch: RolloutBatch, buffer: ReplayBuffer, iteration: int) -> Dict[str, float]:
+    """Replay-buffer size and how stale the trained samples' tokens were."""
+    versions = [v for s in batch.samples for v in (s.weight_versions or [])]
+    return {"replay_groups": len(buffer), "replay_trajectories": len(buffer.pending()),
+            "completed_groups": len(batch.groups()),
+            "stale_token_fraction": float(np.mean([v < iteration for v in versions])) if versions else 0.0}
 
 
 # ---- the steps ------------------------------------------------------------------------------
@@ -213,7 +275,8 @@ def _broadcast_scores(samples: List[Sample], counts: Dict[str, int]) -> Dict[str
 def iteration_metrics(batch: RolloutBatch, steps: List[dict], times: Dict[str, float]) -> Dict[str, float]:
     s = batch.samples
     lengths = np.array([x.response_length for x in s], dtype=float)
-    mismatch = [abs(sum(x.sampler_logprobs) - x.ref_logp) / max(x.response_length, 1) for x in s]
+    # over the loss tokens (all of the response, or a partial rollout's last segment): what ref_logp covers
+    mismatch = [abs(sum(x.sampler_logprobs[x.loss_start:]) - x.ref_logp) / max(x.loss_length, 1) for x in s]
     entropies = [x.entropy for x in s if x.entropy is not None]
     gen_tokens = float(lengths.sum())
     out = {

@@ -39,6 +39,11 @@ class Sample:
     entropy: Optional[float] = None  # mean per-token entropy of the sampling distribution
     # log π_θi per loss token (fp32 [tokens]; the per-token log-ratios of the packed mirror-descent kernel)
     ref_token_logp: Optional[torch.Tensor] = None
+    dataset_index: Optional[int] = None  # the prompt's index in the run's training prompts
+    # Partial rollouts (rl/partial.py): response tokens before ``loss_start`` are context, not loss; the
+    # weight version (iteration) that generated each response token.
+    loss_start: int = 0
+    weight_versions: Optional[List[int]] = None
 
     @property
     def response_length(self) -> int:
@@ -47,6 +52,11 @@ class Sample:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def loss_length(self) -> int:
+        """Response tokens in the loss."""
+        return len(self.response_ids) - self.loss_start
 
 
 @dataclass

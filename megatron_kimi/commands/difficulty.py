@@ -1,0 +1,150 @@
+"""``megatron-kimi difficulty CONFIG.yaml``: each RL prompt's difficulty, measured (Kimi k1.5 §2.3.4).
+
+The paper rates a prompt by the pass rate of a model over several samples at temperature 1. This
+command does that for every prompt of ``data.prompts`` with a checkpoint (the run's own latest, else
+``checkpoint.load``, e.g. the SFT checkpoint; a random init has nothing to measure, so none is an error)
+and writes them all to ``difficulty.output`` (default ``RUN_DIR/prompts_difficulty.jsonl``), each line
+with its original fields plus ``"pass_rate"`` and ``"difficulty": 1 - pass_rate`` (in [0, 1], higher =
+harder: what ``data.sampling: curriculum`` reads, rl/prompt_sampler.py). ``data.prompts`` itself is
+never rewritten. ``builtin:arithmetic`` writes the run's 4000 training prompts (prompt, answer, kind).
+
+The RL run's pieces are reused: the Megatron model (built as ``rl`` builds it, weights only from the
+checkpoint), the built-in rollout engine on it, :class:`SampleGenerator` (``difficulty.samples`` samples
+per prompt, per-request seeds; the prompts split over the data-parallel ranks) and the RL loop's
+``score`` (on rank 0, ``data.reward`` or each prompt's kind). ``difficulty.batch_prompts`` prompts are
+generated and scored at a time; rank 0 writes the file (atomically) and prints a one-line summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import List, Tuple
+
+from megatron_kimi.config import ConfigError, RLConfig
+
+DEFAULT_OUTPUT = "prompts_difficulty.jsonl"
+
+
+def output_path(cfg: RLConfig) -> Path:
+    return Path(cfg.difficulty.output) if cfg.difficulty.output else Path(cfg.run_dir) / DEFAULT_OUTPUT
+
+
+def check(cfg: RLConfig) -> Tuple[Path, Path]:
+    """Fail fast, before any process group or model: returns (the checkpoint, the output path)."""
+    from megatron_kimi.rl.data import BUILTIN
+    from megatron_kimi.training.checkpoint import start_point
+
+    d = cfg.difficulty
+    if d.samples < 1:
+        raise ConfigError(f"difficulty.samples must be >= 1, got {d.samples}")
+    if d.temperature < 0:
+        raise ConfigError(f"difficulty.temperature must be >= 0, got {d.temperature}")
+    if d.batch_prompts < 1:
+        raise ConfigError(f"difficulty.batch_prompts must be >= 1, got {d.batch_prompts}")
+    out = output_path(cfg)
+    if cfg.data.prompts != BUILTIN:
+        src = Path(cfg.data.prompts)
+        if not src.is_file():
+            raise ValueError(f"data.prompts: prompts file {src} does not exist")
+        if out.resolve() == src.resolve() or (out.exists() and out.samefile(src)):
+            raise ValueError(f"difficulty.output={str(out)!r} is data.prompts: the input is never overwritten; "
+                             "choose another difficulty.output")
+    start, _ = start_point(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.load)
+    if start is None:
+        raise ValueError(f"no checkpoint to measure (nothing in {Path(cfg.run_dir) / 'checkpoints'} and "
+                         "no checkpoint.load); set checkpoint.load=CKPT, e.g. the SFT checkpoint "
+                         "(the pass rates of a random init say nothing)")
+    return start, out
+
+
+def read_records(cfg: RLConfig) -> Tuple[List[dict], list]:
+    """(the original JSON objects, their Prompts), line for line. Bad lines: ``data.on_error``."""
+    from megatron_kimi.data.jsonl import BadLines, read_jsonl
+    from megatron_kimi.rl.data import BUILTIN, _parse_prompt, arithmetic_prompts
+
+    if cfg.data.prompts == BUILTIN:  # the RL run's training set (rl/data.py: load_prompt_sets)
+        prompts = arithmetic_prompts(4000, cfg.training.seed, heldout=False)
+        return [{"prompt": p.prompt, "answer": p.answer, "kind": p.kind} for p in prompts], prompts
+    bad = BadLines(cfg.data.prompts)
+    pairs = [v for _, v in read_jsonl(cfg.data.prompts, lambda obj: (obj, _parse_prompt(obj, cfg.data.reward)),
+                                      cfg.data.on_error, bad)]
+    if bad.count:
+        print(f"difficulty: {bad.summary()} (left out of the output)", flush=True)
+    if not pairs:
+        raise ValueError(f"{cfg.data.prompts}: no prompts")
+    return [o for o, _ in pairs], [p for _, p in pairs]
+
+
+def summary_line(pass_rates: List[float], out: Path, samples: int) -> str:
+    n = len(pass_rates)
+    hard = sum(r == 0.0 for r in pass_rates)
+    easy = sum(r == 1.0 for r in pass_rates)
+    mean = sum(pass_rates) / n
+    return (f"difficulty: {n} prompts x {samples} samples, mean pass rate {mean:.3f}; difficulty 0 (always solved): "
+            f"{easy}, in (0,1): {n - easy - hard}, 1 (never solved): {hard}; wrote {out}")
+
+
+def run(cfg: RLConfig) -> int:
+    start, out = check(cfg)
+    records, prompts = read_records(cfg)
+
+    import torch.distributed as dist
+
+    from megatron_kimi.commands.rl import stop_token_ids
+    from megatron_kimi.data.tokenizer import load_tokenizer
+    from megatron_kimi.model.sharding import unwrap
+    from megatron_kimi.rl.generation import SampleGenerator
+    from megatron_kimi.rl.loop import score, write_atomic
+    from megatron_kimi.rollout.engine import GenerationEngine
+    from megatron_kimi.training import checkpoint as ckpt
+    from megatron_kimi.training.runtime import build_training_bundle, initialize, shutdown
+
+    d = cfg.difficulty
+    ctx = initialize(cfg)
+    try:
+        cache = Path(cfg.run_dir) / "cache"
+        if ctx.is_rank0:
+            load_tokenizer(cfg.data.tokenizer, cache)
+        dist.barrier()
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cache)
+        # Built as `rl` builds it (same modules, layout and checkpoint keys); only the weights are loaded.
+        bundle = build_training_bundle(cfg, len(tokenizer), total_steps=1)
+        ckpt.load(start, bundle.model)
+        engine = GenerationEngine(unwrap(bundle.model[0]), max_batch_size=cfg.rollout.max_batch_size,
+                                  max_seq_len=cfg.training.seq_length, eos_token_id=tokenizer.eos_token_id)
+        rollout = dataclasses.replace(cfg.rollout, temperature=d.temperature)
+        generator = SampleGenerator(tokenizer, rollout, stop_token_ids(tokenizer))
+        if ctx.is_rank0:
+            print(f"difficulty: {len(prompts)} prompts x {d.samples} samples at temperature {d.temperature} "
+                  f"with {start}", flush=True)
+        engine.resume()
+        engine.update_weights(bundle.model)
+        pass_rates: List[float] = []
+        for chunk, lo in enumerate(range(0, len(prompts), d.batch_prompts)):
+            part = prompts[lo: lo + d.batch_prompts]
+            # "iteration" = the chunk: every (prompt, sample) has its own request seed.
+            batch = generator.sample(engine, chunk, part, d.samples)
+            if ctx.is_rank0:
+                score(batch.samples, cfg.data.reward, cfg.rl.reward_timeout_s)
+                correct = [0] * len(part)
+                for s in batch.samples:
+                    correct[s.prompt_index] += int(bool(s.correct))
+                pass_rates += [c / d.samples for c in correct]
+                if len(prompts) > d.batch_prompts:
+                    print(f"difficulty: {len(pass_rates)}/{len(prompts)} prompts", flush=True)
+        engine.close()
+        if ctx.is_rank0:
+            lines = []
+            for obj, rate in zip(records, pass_rates):
+                row = dict(obj)
+                row["difficulty"] = 1.0 - rate
+                row["pass_rate"] = rate
+                lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, "".join(lines))
+            print(summary_line(pass_rates, out, d.samples), flush=True)
+        return 0
+    finally:
+        shutdown()
