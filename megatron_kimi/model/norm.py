@@ -9,6 +9,7 @@ Megatron all-reduces the grads of params marked ``sequence_parallel=True`` acros
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -25,6 +26,15 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
-        x = x_SBH.float()
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x_SBH.dtype)
+        if x_SBH.is_cuda and x_SBH.dtype == self.weight.dtype:
+            # torch's own RMSNorm: one fused kernel each way on CUDA (fp32 statistics) instead of ~6
+            # elementwise kernels forward and ~10 backward, each a full pass over the activations.
+            return F.rms_norm(x_SBH, (x_SBH.shape[-1],), self.weight, self.eps)
+        return rms_norm_ref(x_SBH, self.weight, self.eps)
+
+
+def rms_norm_ref(x_SBH: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The CPU path (and the reference): fp32 throughout, like HF's LlamaRMSNorm."""
+    x = x_SBH.float()
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x_SBH.dtype)
