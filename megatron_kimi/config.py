@@ -251,7 +251,8 @@ class RLAlgoConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    engine: Literal["builtin"] = "builtin"
+    engine: Literal["builtin", "vllm"] = "builtin"  # vllm: rollout/vllm_backend.py (`make venv-vllm`)
+    sync_bucket_mb: int = 512  # vllm: largest safetensors file of a weight sync
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -592,6 +593,10 @@ def validate(cfg: Any) -> None:
                "rl: the built-in rollout engine supports tensor and data parallelism only (parallel.pipeline=1, "
                "parallel.context=1)")
         _check(cfg.rollout.temperature >= 0, "rollout.temperature must be >= 0")
+        _check(cfg.rollout.engine != "vllm" or cfg.parallel.tensor == 1,
+               "rollout.engine=vllm: the weight sync supports parallel.tensor=1 only (data parallelism is fine)")
+        _check(cfg.rollout.sync_bucket_mb >= 1,
+               f"rollout.sync_bucket_mb must be >= 1, got {cfg.rollout.sync_bucket_mb}")
         _check(cfg.training.seq_length <= cfg.model.max_position_embeddings,
                f"training.seq_length={cfg.training.seq_length} exceeds model.max_position_embeddings="
                f"{cfg.model.max_position_embeddings}")

@@ -51,8 +51,15 @@ def build_rl_job(cfg: RLConfig, ctx: DistContext) -> loop.RLJob:
     trainer = Trainer(bundle, make_rl_forward_step(r.loss, r.tau, r.logprob_impl), cfg.training.seq_length,
                       micro_batch_size=1, loss_key="rl",
                       max_consecutive_nan_steps=cfg.training.max_consecutive_nan_steps)
-    engine = GenerationEngine(unwrap(trainer.model[0]), max_batch_size=cfg.rollout.max_batch_size,
-                              max_seq_len=cfg.training.seq_length, eos_token_id=tokenizer.eos_token_id)
+    if cfg.rollout.engine == "vllm":
+        from megatron_kimi.rollout.vllm_backend import VllmBackend  # raises ValueError without vllm
+
+        engine = VllmBackend(trainer.model, cfg.model, max_seq_len=cfg.training.seq_length,
+                             max_batch_size=cfg.rollout.max_batch_size, eos_token_id=tokenizer.eos_token_id,
+                             seed=cfg.rollout.seed, sync_bucket_mb=cfg.rollout.sync_bucket_mb)
+    else:
+        engine = GenerationEngine(unwrap(trainer.model[0]), max_batch_size=cfg.rollout.max_batch_size,
+                                  max_seq_len=cfg.training.seq_length, eos_token_id=tokenizer.eos_token_id)
     return loop.RLJob(cfg=cfg, trainer=trainer, backend=engine,
                       generator=SampleGenerator(tokenizer, cfg.rollout, stop_token_ids(tokenizer)),
                       train_prompts=train_prompts, heldout_prompts=heldout, pad_id=tokenizer.pad_token_id)
