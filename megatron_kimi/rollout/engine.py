@@ -33,7 +33,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -63,6 +63,28 @@ class GenerationResult:
     sampling_logprobs: Optional[List[float]] = None  # under the sampled distribution; None if = logprobs
     seed: Optional[int] = None  # the seed used (drawn when the request had none)
     mean_entropy: Optional[float] = None  # mean per-token entropy of the raw policy over the response
+
+
+def check_requests(requests: Sequence[GenerationRequest], max_seq_len: int, vocab_size: int) -> None:
+    """What every backend refuses: bad sampling params, an empty or too long prompt, ids outside the vocab."""
+    for r in requests:
+        r.params.validate()
+        if len(r.prompt_ids) == 0:
+            raise ValueError(f"request {r.request_id!r}: empty prompt")
+        if len(r.prompt_ids) >= max_seq_len:
+            raise ValueError(f"request {r.request_id!r}: prompt of {len(r.prompt_ids)} tokens does not fit "
+                             f"max_seq_len={max_seq_len} (needs room for at least one new token)")
+        if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= vocab_size:
+            raise ValueError(f"request {r.request_id!r}: token ids must be in [0, {vocab_size})")
+
+
+def draw_seeds(n: int) -> torch.Tensor:
+    """``n`` seeds for requests without one, from torch's default generator (seeded alike on every
+    data-parallel rank by the trainer), offset by the DP rank so that DP replicas do not sample the
+    same continuations."""
+    dp = parallel_state.get_data_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+    drawn = [(s + dp * 0x9E3779B97F4A7C1) % 2**62 for s in torch.randint(0, 2**62, (n,), dtype=torch.long).tolist()]
+    return torch.tensor(drawn, dtype=torch.long)
 
 
 @dataclass
@@ -151,16 +173,8 @@ class GenerationEngine:
         """Generate for every request (same order). All TP ranks must call it with the same requests."""
         assert not self.released, "generate() after release(): resume() first"
         requests = list(requests)
-        padded = self.runner.padded_vocab_size
+        check_requests(requests, self.max_seq_len, self.runner.padded_vocab_size)
         for r in requests:
-            r.params.validate()
-            if len(r.prompt_ids) == 0:
-                raise ValueError(f"request {r.request_id!r}: empty prompt")
-            if len(r.prompt_ids) >= self.max_seq_len:
-                raise ValueError(f"request {r.request_id!r}: prompt of {len(r.prompt_ids)} tokens does not fit "
-                                 f"max_seq_len={self.max_seq_len} (needs room for at least one new token)")
-            if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= padded:
-                raise ValueError(f"request {r.request_id!r}: token ids must be in [0, {padded})")
             if r.params.stop_strings and self.decode_fn is None:
                 raise ValueError(f"request {r.request_id!r}: stop_strings need the engine's decode callable")
         seeds = self._seeds(requests)
@@ -179,14 +193,8 @@ class GenerationEngine:
         seeds = [r.params.seed for r in requests]
         missing = [i for i, s in enumerate(seeds) if s is None]
         if missing:
-            # torch's default generator (seeded alike on every data-parallel rank by the trainer):
-            # offset by the DP rank so that DP replicas do not sample the same continuations.
-            dp = (parallel_state.get_data_parallel_rank()
-                  if parallel_state.model_parallel_is_initialized() else 0)
-            drawn = [(s + dp * 0x9E3779B97F4A7C1) % 2**62
-                     for s in torch.randint(0, 2**62, (len(missing),), dtype=torch.long).tolist()]
-            drawn = torch.tensor(drawn, dtype=torch.long)
-            if self.runner.tp > 1:
+            drawn = draw_seeds(len(missing))
+            if self.runner.tp > 1:  # the TP ranks of a replica must sample alike
                 drawn = drawn.to(self.runner.device)
                 dist.broadcast(drawn, parallel_state.get_tensor_model_parallel_src_rank(),
                                group=self.runner.tp_group)

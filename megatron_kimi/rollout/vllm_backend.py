@@ -47,7 +47,7 @@ import torch
 
 from megatron_kimi.config import ModelConfig
 from megatron_kimi.convert import hf
-from megatron_kimi.rollout.engine import GenerationRequest, GenerationResult
+from megatron_kimi.rollout.engine import GenerationRequest, GenerationResult, check_requests, draw_seeds
 
 log = logging.getLogger(__name__)
 
@@ -245,32 +245,15 @@ class VllmBackend:
                    ignore_eos=True, detokenize=False)
 
     def _seeds(self, requests) -> List[int]:
-        """The request's seed, else one drawn from torch's default generator, offset by the DP rank
-        (as the built-in engine does)."""
-        from megatron.core import parallel_state
-
-        dp = parallel_state.get_data_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
-        out = []
-        for r in requests:
-            s = r.params.seed
-            if s is None:
-                s = (int(torch.randint(0, 2**62, (1,), dtype=torch.long)) + dp * 0x9E3779B97F4A7C1) % 2**62
-            out.append(int(s))
-        return out
+        """The request's seed, else one drawn as the built-in engine draws it."""
+        drawn = iter(draw_seeds(sum(r.params.seed is None for r in requests)).tolist())
+        return [int(r.params.seed) if r.params.seed is not None else int(next(drawn)) for r in requests]
 
     def generate(self, requests: Sequence[GenerationRequest]) -> List[GenerationResult]:
         assert not self.released, "generate() after release(): resume() first"
         requests = list(requests)
-        V = self.arch.padded_vocab_size
+        check_requests(requests, self.max_seq_len, self.arch.padded_vocab_size)
         for r in requests:
-            r.params.validate()
-            if len(r.prompt_ids) == 0:
-                raise ValueError(f"request {r.request_id!r}: empty prompt")
-            if len(r.prompt_ids) >= self.max_seq_len:
-                raise ValueError(f"request {r.request_id!r}: prompt of {len(r.prompt_ids)} tokens does not fit "
-                                 f"max_seq_len={self.max_seq_len} (needs room for at least one new token)")
-            if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= V:
-                raise ValueError(f"request {r.request_id!r}: token ids must be in [0, {V})")
             if r.params.stop_strings:
                 raise ValueError(f"request {r.request_id!r}: stop_strings are not supported by the vLLM backend")
         seeds = self._seeds(requests)
