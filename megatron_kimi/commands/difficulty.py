@@ -62,13 +62,13 @@ def check(cfg: RLConfig) -> Tuple[Path, Path]:
 def read_records(cfg: RLConfig) -> Tuple[List[dict], list]:
     """(the original JSON objects, their Prompts), line for line. Bad lines: ``data.on_error``."""
     from megatron_kimi.data.jsonl import BadLines, read_jsonl
-    from megatron_kimi.rl.data import BUILTIN, _parse_prompt, arithmetic_prompts
+    from megatron_kimi.rl.data import BUILTIN, parse_prompt, arithmetic_prompts
 
     if cfg.data.prompts == BUILTIN:  # the RL run's training set (rl/data.py: load_prompt_sets)
         prompts = arithmetic_prompts(4000, cfg.training.seed, heldout=False)
         return [{"prompt": p.prompt, "answer": p.answer, "kind": p.kind} for p in prompts], prompts
     bad = BadLines(cfg.data.prompts)
-    pairs = [v for _, v in read_jsonl(cfg.data.prompts, lambda obj: (obj, _parse_prompt(obj, cfg.data.reward)),
+    pairs = [v for _, v in read_jsonl(cfg.data.prompts, lambda obj: (obj, parse_prompt(obj, cfg.data.reward)),
                                       cfg.data.on_error, bad)]
     if bad.count:
         print(f"difficulty: {bad.summary()} (left out of the output)", flush=True)

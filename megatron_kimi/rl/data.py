@@ -22,7 +22,9 @@ _FIELDS = {"prompt", "answer", "kind", "tests", "difficulty"}
 _NEEDS_ANSWER = ("math", "exact")
 
 
-def _parse_prompt(obj, reward: Optional[str]) -> Prompt:
+def parse_prompt(obj, reward: Optional[str]) -> Prompt:
+    """One jsonl object -> :class:`Prompt` (``ValueError`` saying what is wrong; the reader adds file:line).
+    Shared by the RL run and ``megatron-kimi difficulty``."""
     if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
         raise ValueError("expected an object with a string field 'prompt'")
     tests = obj.get("tests")
@@ -52,7 +54,7 @@ def load_prompts(path: str | Path, on_error: str = "raise", bad: Optional[BadLin
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompts file {path} does not exist")
-    out = [p for _, p in read_jsonl(path, lambda obj: _parse_prompt(obj, reward), on_error, bad)]
+    out = [p for _, p in read_jsonl(path, lambda obj: parse_prompt(obj, reward), on_error, bad)]
     if not out:
         skipped = f", {bad.count} bad line(s) skipped" if bad is not None and bad.count else ""
         raise ValueError(f"{path}: no prompts (empty dataset{skipped})")
