@@ -240,9 +240,14 @@ class RLAlgoConfig:
     length_penalty_warmup: int = 0  # iterations before the length penalty switches on
     repeat_penalty: float = -1.0  # reward of a response stopped by the repeat detector
     eval_interval: int = 0  # held-out evaluation every N iterations (0 = only before and after)
-    # Wall-clock limit of one reward call (the samples of one reward kind in one iteration); past it, or
-    # when the reward raises, the samples score 0 and are counted (reward_timeouts, reward_errors).
+    # Wall-clock limit of one reward call (the samples of one reward kind in one iteration; with
+    # async_scoring one finished sample, and all of them done within it after generation ends); past it,
+    # or when the reward raises, the samples score 0 and are counted (reward_timeouts, reward_errors).
     reward_timeout_s: float = 300.0
+    # Score each sample as soon as it is generated, in scoring_workers threads, while the engine generates
+    # the rest (rl/scoring.py); false: all samples after generation, one call per reward kind.
+    async_scoring: bool = True
+    scoring_workers: int = 4
     # Per-token log π of the training step: "fused" = the vocab-parallel log-prob kernel on the final
     # hidden state, and for rl.loss=mirror_descent the packed mirror-descent loss kernel on per-token
     # log-ratios; "megatron" = logits + Megatron's cross-entropy, then the registry loss on sequence sums.
@@ -251,8 +256,25 @@ class RLAlgoConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    engine: Literal["builtin", "vllm"] = "builtin"  # vllm: rollout/vllm_backend.py (`make venv-vllm`)
-    sync_bucket_mb: int = 512  # vllm: largest safetensors file of a weight sync
+    # vllm: rollout/vllm_backend.py (`make venv-vllm`); vllm_server: an OpenAI-compatible vLLM server
+    # (rollout/server_backend.py), started by the run or given by server_url
+    engine: Literal["builtin", "vllm", "vllm_server"] = "builtin"
+    sync_bucket_mb: int = 512  # vllm, vllm_server: largest safetensors file of a weight sync
+    # vllm_server: a running server (http://host:port; started with VLLM_SERVER_DEV_MODE=1) or "" (the run
+    # starts one, with this interpreter); with a URL, server_weights_dir is where the weight sync writes
+    # (the server must read it). Each HTTP attempt times out after request_timeout_s; a request is retried
+    # request_retries times, then dropped (not trained on; counted: dropped_requests).
+    server_url: str = ""
+    server_weights_dir: str = ""
+    request_timeout_s: float = 120.0
+    request_retries: int = 2
+    server_start_timeout_s: float = 300.0
+    # Colocation (CUDA; no-ops on CPU): vLLM's sleep level while the trainer runs (1: weights to CPU,
+    # 2: weights dropped -- the sync rewrites them), its share of the GPU, and whether the trainer's
+    # optimizer state goes to CPU memory while the engine generates.
+    sleep_level: int = 1
+    gpu_memory_utilization: float = 0.5
+    offload_optimizer: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -589,14 +611,27 @@ def validate(cfg: Any) -> None:
         _check(r.prompts_per_iteration >= 1 and r.iterations >= 0, "rl.prompts_per_iteration >= 1, rl.iterations >= 0")
         _check(r.updates_per_iteration >= 1, "rl.updates_per_iteration must be >= 1")
         _check(r.reward_timeout_s > 0, f"rl.reward_timeout_s must be > 0, got {r.reward_timeout_s}")
+        _check(r.scoring_workers >= 1, f"rl.scoring_workers must be >= 1, got {r.scoring_workers}")
         _check(cfg.parallel.pipeline == 1 and cfg.parallel.context == 1,
                "rl: the built-in rollout engine supports tensor and data parallelism only (parallel.pipeline=1, "
                "parallel.context=1)")
         _check(cfg.rollout.temperature >= 0, "rollout.temperature must be >= 0")
-        _check(cfg.rollout.engine != "vllm" or cfg.parallel.tensor == 1,
-               "rollout.engine=vllm: the weight sync supports parallel.tensor=1 only (data parallelism is fine)")
+        _check(cfg.rollout.sleep_level in (1, 2), f"rollout.sleep_level must be 1 or 2, got {cfg.rollout.sleep_level}")
+        _check(0 < cfg.rollout.gpu_memory_utilization < 1,
+               f"rollout.gpu_memory_utilization must be in (0, 1), got {cfg.rollout.gpu_memory_utilization}")
         _check(cfg.rollout.sync_bucket_mb >= 1,
                f"rollout.sync_bucket_mb must be >= 1, got {cfg.rollout.sync_bucket_mb}")
+        if cfg.rollout.engine == "vllm_server":
+            ro = cfg.rollout
+            _check(ro.request_timeout_s > 0, f"rollout.request_timeout_s must be > 0, got {ro.request_timeout_s}")
+            _check(ro.request_retries >= 0, f"rollout.request_retries must be >= 0, got {ro.request_retries}")
+            _check(ro.server_start_timeout_s > 0,
+                   f"rollout.server_start_timeout_s must be > 0, got {ro.server_start_timeout_s}")
+            _check(not ro.server_url or ro.server_url.startswith(("http://", "https://")),
+                   f"rollout.server_url must be http://host:port (or empty: start a server), got {ro.server_url!r}")
+            _check(not ro.server_url or bool(ro.server_weights_dir),
+                   f"rollout.server_url={ro.server_url}: set rollout.server_weights_dir to a directory the server "
+                   "can read (the weight sync writes safetensors there)")
         _check(cfg.training.seq_length <= cfg.model.max_position_embeddings,
                f"training.seq_length={cfg.training.seq_length} exceeds model.max_position_embeddings="
                f"{cfg.model.max_position_embeddings}")

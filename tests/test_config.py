@@ -100,6 +100,7 @@ def test_wrong_types_name_the_dotted_key(tmp_path, yaml_text, key, fragment):
         (SFTConfig, "data.overlong=wrap", "data.overlong: 'wrap' is not one of ['truncate', 'drop', 'error']"),
         (RLConfig, "rl.reward_timeout_s=soon", "rl.reward_timeout_s: expected a number, got 'soon'"),
         (RLConfig, "rl.reward_timeout_s=0", "rl.reward_timeout_s must be > 0"),
+        (RLConfig, "rl.scoring_workers=0", "rl.scoring_workers must be >= 1"),
     ],
 )
 def test_wrong_types_from_a_cli_override_name_the_field_and_the_type(schema, override, message):

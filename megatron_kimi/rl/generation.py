@@ -3,23 +3,34 @@ the requests (chat-formatted prompt ids, sampling parameters, per-sample seeds) 
 
 Each data-parallel rank generates the samples of its share of the prompts (prompt ``p`` on rank
 ``p % dp``); an all-gather then gives every rank the whole batch, in prompt order (and sample order
-within a prompt), so the rewards and the training packs are the same on every rank.
+within a prompt), so the rewards and the training packs are the same on every rank. A request the
+backend dropped (finish reason ``"dropped"``: a remote engine failed on it after its retries) is removed
+after the all-gather and counted (``RolloutBatch.dropped``): its empty response would otherwise train as
+a wrong answer. With partial rollouts a dropped segment leaves its trajectory unchanged.
+
+With an :class:`~megatron_kimi.rl.scoring.AsyncScorer` (``rl.async_scoring``), the tensor-parallel rank 0
+of each data-parallel replica starts the task reward of each of its samples as soon as the backend has
+finished it (``generate(..., on_result=...)``), while the rest are still generating, and waits for what
+still runs before the all-gather: the scores travel with the samples, so global rank 0 (whose
+data-parallel group is every replica's TP rank 0) ends up with every sample scored. The other TP ranks'
+copies are not scored; the loop broadcasts rank 0's rewards to every rank (rl/loop.py).
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_kimi.rl.data import prompt_token_ids
 from megatron_kimi.rl.partial import ReplayBuffer, Trajectory, loss_start
+from megatron_kimi.rl.scoring import AsyncScorer
 from megatron_kimi.rl.shaping import RepeatDetector
 from megatron_kimi.rl.types import Prompt, RolloutBatch, Sample
-from megatron_kimi.rollout.backend import RolloutBackend
-from megatron_kimi.rollout.engine import GenerationRequest
+from megatron_kimi.rollout.backend import DROPPED, RolloutBackend
+from megatron_kimi.rollout.engine import GenerationRequest, GenerationResult
 from megatron_kimi.rollout.sampling import SamplingParams
 
 
@@ -42,11 +53,14 @@ class SampleGenerator:
         self.cfg = cfg
         self.stop_ids = tuple(stop_ids)
 
-    def sample(self, backend: RolloutBackend, iteration: int, prompts: List[Prompt], k: int) -> RolloutBatch:
-        """``k`` samples per prompt at ``rollout.temperature`` / top-p / top-k."""
+    def sample(self, backend: RolloutBackend, iteration: int, prompts: List[Prompt], k: int,
+               scorer: Optional[AsyncScorer] = None) -> RolloutBatch:
+        """``k`` samples per prompt at ``rollout.temperature`` / top-p / top-k. With a ``scorer``: scored
+        while generating (see the module docstring), and ``RolloutBatch.reward_counts`` set."""
         ro = self.cfg
-        return RolloutBatch(iteration=iteration, k=k, samples=self._generate(backend, prompts, k, lambda pi, j: self._params(
-            ro.temperature, request_seed(ro.seed, iteration, pi, j))))
+        samples, counts, dropped = self._generate(backend, prompts, k, lambda pi, j: self._params(
+            ro.temperature, request_seed(ro.seed, iteration, pi, j)), scorer)
+        return RolloutBatch(iteration=iteration, k=k, samples=samples, reward_counts=counts, dropped=dropped)
 
     def sample_partial(self, backend: RolloutBackend, iteration: int, buffer: ReplayBuffer,
                        new_prompts: Sequence[int], train_prompts: Sequence[Prompt]) -> RolloutBatch:
@@ -55,23 +69,30 @@ class SampleGenerator:
         ``rollout.partial_budget`` tokens, and the groups that are now complete come back as samples.
 
         ``Sample.prompt_index`` is the group id (a prompt drawn twice makes two groups; the baseline is
-        per group); ``dataset_index`` the prompt's index in ``train_prompts``."""
+        per group); ``dataset_index`` the prompt's index in ``train_prompts``.
+
+        Not scored here (no ``rl.async_scoring`` overlap in this mode): only finished trajectories are
+        scored, and which are finished is known only after the round's all-gather; the loop scores the
+        complete groups after generation."""
         buffer.add(new_prompts, [prompt_token_ids(self.tokenizer, train_prompts[i]) for i in new_prompts])
         complete: list = []
+        dropped = 0
         # An iteration that would finish no group (so train on nothing) runs more segments under the same
         # weights until one does: every iteration then has optimizer steps, and its own checkpoint. Ends:
         # every trajectory finishes within partial_max_segments segments.
         for segment in range(buffer.max_segments):
-            self.segment_round(backend, iteration, segment, buffer)
+            dropped += self.segment_round(backend, iteration, segment, buffer)
             complete = buffer.pop_complete()
             if complete or not buffer.pending():
                 break
         samples = [self.from_trajectory(t, train_prompts) for group in complete for t in group]
-        return RolloutBatch(iteration=iteration, k=buffer.k, samples=samples)
+        return RolloutBatch(iteration=iteration, k=buffer.k, samples=samples, dropped=dropped)
 
-    def segment_round(self, backend: RolloutBackend, iteration: int, segment: int, buffer: ReplayBuffer) -> None:
+    def segment_round(self, backend: RolloutBackend, iteration: int, segment: int, buffer: ReplayBuffer) -> int:
         """One segment of at most ``partial_budget`` tokens for every unfinished trajectory of ``buffer``
-        (DP-split, then gathered: every rank's buffer gets every segment, in the same order)."""
+        (DP-split, then gathered: every rank's buffer gets every segment, in the same order). A segment the
+        backend dropped leaves its trajectory as it was (it gets another segment next round); returns how
+        many were dropped (over every DP rank)."""
         ro = self.cfg
         pending = buffer.pending()
         dp_rank = parallel_state.get_data_parallel_rank()
@@ -88,8 +109,13 @@ class SampleGenerator:
                  for n, r in zip(mine, results)]
         gathered: list = [None] * dp
         dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
+        dropped = 0
         for n, out, lps, reason, ent in sorted(x for part in gathered for x in part):  # same order on every rank
+            if reason == DROPPED:
+                dropped += 1
+                continue
             buffer.extend(pending[n], out, lps, reason, version=iteration, mean_entropy=ent)
+        return dropped
 
     def from_trajectory(self, t: Trajectory, train_prompts: Sequence[Prompt]) -> Sample:
         """The training sample of a finished trajectory."""
@@ -101,11 +127,12 @@ class SampleGenerator:
                       entropy=t.entropy_sum / n if n else None, dataset_index=t.prompt_index,
                       loss_start=loss_start(t, self.cfg.partial_loss_segments), weight_versions=list(t.versions))
 
-    def greedy(self, backend: RolloutBackend, prompts: List[Prompt]) -> List[Sample]:
-        """One greedy response per prompt (held-out evaluation)."""
+    def greedy(self, backend: RolloutBackend, prompts: List[Prompt],
+               scorer: Optional[AsyncScorer] = None) -> List[Sample]:
+        """One greedy response per prompt (held-out evaluation); scored on rank 0 with a ``scorer``."""
         # seed=0: greedy decoding draws nothing, but a request without a seed would draw one from
         # torch's default generator, the trainer's RNG stream.
-        return self._generate(backend, prompts, 1, lambda pi, j: self._params(0.0, 0))
+        return self._generate(backend, prompts, 1, lambda pi, j: self._params(0.0, 0), scorer)[0]
 
     def _params(self, temperature: float, seed: int, max_new_tokens: Optional[int] = None) -> SamplingParams:
         ro = self.cfg
@@ -115,20 +142,51 @@ class SampleGenerator:
                               repeat_detector_factory=RepeatDetector if ro.repeat_detection else None)
 
     def _generate(self, backend: RolloutBackend, prompts: List[Prompt], k: int,
-                  params_for: Callable[[int, int], SamplingParams]) -> List[Sample]:
+                  params_for: Callable[[int, int], SamplingParams],
+                  scorer: Optional[AsyncScorer] = None) -> Tuple[List[Sample], Optional[Dict[str, int]], int]:
+        """The samples (every rank: all of them, in prompt order), with a ``scorer`` the reward error /
+        timeout counts over all of them (None without one; meaningful on TP rank 0), and how many requests
+        the backend dropped (finish reason "dropped", over every DP rank): those are not among the samples
+        (never trained on; a group keeps its other samples, so its baseline is the mean of what came back)."""
         dp_rank = parallel_state.get_data_parallel_rank()
         dp = parallel_state.get_data_parallel_world_size()
         ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
         mine: List[Tuple[int, int]] = [(pi, j) for pi in range(len(prompts)) if pi % dp == dp_rank for j in range(k)]
-        results = backend.generate([GenerationRequest(request_id=f"{pi}/{j}", prompt_ids=ids[pi],
-                                                           params=params_for(pi, j)) for pi, j in mine])
-        local = [Sample(prompt_index=pi, prompt=prompts[pi], prompt_ids=ids[pi], response_ids=list(res.output_ids),
-                        response=self.tokenizer.decode(res.output_ids, skip_special_tokens=True),
-                        sampler_logprobs=list(res.logprobs), finish_reason=res.finish_reason,
-                        entropy=res.mean_entropy)
-                 for (pi, _j), res in zip(mine, results)]
+        requests = [GenerationRequest(request_id=f"{pi}/{j}", prompt_ids=ids[pi], params=params_for(pi, j))
+                    for pi, j in mine]
+        position = {r.request_id: n for n, r in enumerate(requests)}
+        local: List[Optional[Sample]] = [None] * len(mine)
+
+        def to_sample(n: int, res: GenerationResult) -> Sample:
+            pi = mine[n][0]
+            return Sample(prompt_index=pi, prompt=prompts[pi], prompt_ids=ids[pi], response_ids=list(res.output_ids),
+                          response=self.tokenizer.decode(res.output_ids, skip_special_tokens=True),
+                          sampler_logprobs=list(res.logprobs), finish_reason=res.finish_reason,
+                          entropy=res.mean_entropy)
+
+        def finished(res: GenerationResult) -> None:
+            n = position[res.request_id]
+            local[n] = to_sample(n, res)
+            if res.finish_reason != DROPPED:  # never trained on: not scored
+                scorer.submit([local[n]])
+
+        scoring = scorer is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+        results = backend.generate(requests, on_result=finished if scoring else None)
+        counts = None
+        if scoring:
+            # a backend that never called on_result: its samples are scored now
+            missed = [n for n, s in enumerate(local) if s is None]
+            for n in missed:
+                local[n] = to_sample(n, results[n])
+            scorer.submit([local[n] for n in missed if local[n].finish_reason != DROPPED])
+            counts = scorer.wait()
+        else:
+            local = [to_sample(n, res) for n, res in enumerate(results)]
         gathered: list = [None] * dp
-        dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
-        samples = [s for part in gathered for s in part]
-        samples.sort(key=lambda s: s.prompt_index)  # stable: sample order kept within a prompt
-        return samples
+        dist.all_gather_object(gathered, (local, counts), group=parallel_state.get_data_parallel_group())
+        samples = [s for part, _ in gathered for s in part]
+        kept = [s for s in samples if s.finish_reason != DROPPED]
+        kept.sort(key=lambda s: s.prompt_index)  # stable: sample order kept within a prompt
+        if counts is not None:  # the DP group of a TP rank 0 holds only TP ranks 0: all scored
+            counts = {key: sum(c[key] for _, c in gathered) for key in counts}
+        return kept, counts, len(samples) - len(kept)

@@ -7,14 +7,17 @@ Iteration i (the current policy π_θi is the reference):
      memory for training. With partial rollouts (``rollout.partial_budget``, rl/partial.py) each
      trajectory gets one bounded segment per iteration, unfinished ones wait in the replay buffer, and
      only groups whose k responses are all finished go on;
-  3. rewards ← verifier / sandbox score + length penalty (after its warm-up) + repeat penalty;
+  3. rewards ← verifier / sandbox score + length penalty (after its warm-up) + repeat penalty (with
+     ``rl.async_scoring`` the task reward of a sample starts as soon as it is generated, in a thread pool
+     while the rest are generating: rl/scoring.py; the loop waits only for what still runs);
   4. advantage ← r − r̄ (r̄: the mean reward of the prompt's k samples);
   5. log π_θi(y|x) ← the trainer (not the sampler's numbers: a train/rollout numeric mismatch cannot
      bias the loss; the mismatch is logged);
   6. ``rl.updates_per_iteration`` optimizer steps on L = mean_j (r_j − r̄ − τ·log π_θ/π_θi)² over
      mini-batches of the samples (optionally after resetting the optimizer state, as the paper does);
-  7. the backend resumes and takes the new weights; held-out evaluation and checkpoint when due (the
-     prompt sampler's statistics and the replay buffer are in the checkpoint).
+  7. the backend resumes and takes the new weights (:func:`to_rollout`: with the optimizer state moved
+     to CPU, the engine's weights woken, synced, then its KV cache); held-out evaluation and checkpoint
+     when due (the prompt sampler's statistics and the replay buffer are in the checkpoint).
 
 The rollout backend's lifecycle is in :mod:`megatron_kimi.rollout.backend`.
 """
@@ -38,10 +41,10 @@ from megatron_kimi.rl.generation import SampleGenerator
 from megatron_kimi.rl.loss import group_baseline
 from megatron_kimi.rl.partial import ReplayBuffer
 from megatron_kimi.rl.prompt_sampler import PromptSampler
-from megatron_kimi.rl.rewards import RewardInput, call_reward, get_reward
+from megatron_kimi.rl.scoring import AsyncScorer, score  # score: also loop.score for its callers
 from megatron_kimi.rl.shaping import length_penalty, length_penalty_active
 from megatron_kimi.rl.types import Prompt, RolloutBatch, Sample
-from megatron_kimi.rollout.backend import RolloutBackend
+from megatron_kimi.rollout.backend import KV_CACHE, WEIGHTS, RolloutBackend
 from megatron_kimi.training import checkpoint as ckpt
 from megatron_kimi.training.checkpointer import Checkpointer
 from megatron_kimi.training.metrics import MetricsWriter
@@ -73,13 +76,13 @@ def train(job: RLJob, writer: MetricsWriter, checkpointer: Checkpointer, run_dir
     summary = json.loads(summary_path.read_text()) if (resumed_from and summary_path.is_file()) else {}
     history = read_history(run_dir / "metrics.jsonl") if resumed_from else []
     sampler, buffer = make_sampler(cfg, job.train_prompts), make_buffer(cfg)
+    scorer = make_scorer(cfg)
     if resumed_from is not None:
         load_rl_state(ckpt.read_common(resumed_from).get("rl_state"), sampler, buffer)
 
-    backend.resume()
-    backend.update_weights(trainer.model)
+    to_rollout(job, _Laps())
     if "before" not in summary:
-        summary["before"] = evaluate(job)
+        summary["before"] = evaluate(job, scorer)
     writer.print(f"rl: {len(job.train_prompts)} prompts, {len(job.heldout_prompts)} held-out; k={r.k}, "
                  f"tau={r.tau}; held-out accuracy before {summary['before']['accuracy']:.3f}")
     for it in range(trainer.state.iteration, r.iterations):
@@ -87,13 +90,16 @@ def train(job: RLJob, writer: MetricsWriter, checkpointer: Checkpointer, run_dir
         times = _Laps()
         picks = sampler.sample(r.prompts_per_iteration, it)
         if buffer is None:
-            batch = job.generator.sample(backend, it, [job.train_prompts[i] for i in picks], r.k)
+            batch = job.generator.sample(backend, it, [job.train_prompts[i] for i in picks], r.k, scorer)
             for s in batch.samples:
                 s.dataset_index = picks[s.prompt_index]
         else:
             batch = job.generator.sample_partial(backend, it, buffer, picks, job.train_prompts)
-        backend.release()  # its KV cache is the trainer's memory until the update is done
         times.lap("rollout")
+        if batch.reward_counts is not None:  # generation ended waiting for the rewards still running
+            times["rollout"] -= scorer.last_wait_s
+            times["scoring_wait"] = scorer.last_wait_s
+        to_training(job, times)
         record = {"iteration": it + 1, "step": it + 1}
         if batch.samples:  # partial rollouts: an iteration may complete no group yet
             counts = assign_rewards(batch, cfg)
@@ -107,12 +113,12 @@ def train(job: RLJob, writer: MetricsWriter, checkpointer: Checkpointer, run_dir
             times.lap("train")
             record.update(iteration_metrics(batch, steps, times), **counts)
         trainer.end_iteration()
-        backend.resume()
-        backend.update_weights(trainer.model)
+        to_rollout(job, times)
+        record.update(switch_metrics(backend, times))
         if buffer is not None:
             record.update(partial_metrics(batch, buffer, it))
         if last or (r.eval_interval and (it + 1) % r.eval_interval == 0):
-            held = evaluate(job)
+            held = evaluate(job, scorer)
             if last:
                 summary["after"] = held
             record.update(eval_accuracy=held["accuracy"], eval_response_length=held["response_length"])
@@ -128,9 +134,51 @@ def train(job: RLJob, writer: MetricsWriter, checkpointer: Checkpointer, run_dir
             break
     else:
         if "after" not in summary:  # resumed after the last iteration
-            summary["after"] = evaluate(job)
+            summary["after"] = evaluate(job, scorer)
     backend.close()
+    if scorer is not None:
+        scorer.close()
+    if trainer.optimizer_offloaded:
+        trainer.reload_optimizer()
     return summary, history
+
+
+# ---- switching the GPU between rollout and training (colocation) ---------------------------------
+
+def to_rollout(job: RLJob, times: "_Laps") -> None:
+    """Training → rollout: the optimizer state to CPU (``rollout.offload_optimizer``), then the engine
+    wakes its weights, takes the trainer's, and only then wakes its KV cache (rollout/backend.py).
+    Each switch is timed (``time_switch_*_s``)."""
+    trainer, backend = job.trainer, job.backend
+    if job.cfg.rollout.offload_optimizer:
+        trainer.offload_optimizer()
+        times.lap("switch_offload_optimizer")
+    backend.resume([WEIGHTS])
+    times.lap("switch_wake_weights")
+    backend.update_weights(trainer.model)
+    times.lap("switch_sync_weights")
+    backend.resume([KV_CACHE])
+    times.lap("switch_wake_kv_cache")
+
+
+def to_training(job: RLJob, times: "_Laps") -> None:
+    """Rollout → training: the engine frees its memory, the optimizer state comes back."""
+    job.backend.release()
+    times.lap("switch_release")
+    if job.trainer.optimizer_offloaded:
+        job.trainer.reload_optimizer()
+        times.lap("switch_reload_optimizer")
+
+
+def switch_metrics(backend: RolloutBackend, times: Dict[str, float]) -> Dict[str, float]:
+    """The iteration's switches (seconds each), the engine's weight version, and for an engine with its
+    own copy of the weights the sync's size and GB/s."""
+    out: Dict[str, float] = {f"time_{k}_s": v for k, v in times.items() if k.startswith("switch_")}
+    out["weight_version"] = int(backend.weight_version)
+    nbytes = getattr(backend, "last_sync_bytes", 0)
+    if nbytes:
+        out.update(sync_gb=nbytes / 1e9, sync_gbps=nbytes / 1e9 / max(times["switch_sync_weights"], 1e-9))
+    return out
 
 
 # ---- prompt sampling and partial rollouts ------------------------------------------------------
@@ -139,6 +187,12 @@ def make_sampler(cfg, train_prompts: Sequence[Prompt]) -> PromptSampler:
     d = cfg.data
     return PromptSampler(train_prompts, d.sampling, cfg.training.seed, d.curriculum_switch_iteration,
                          d.curriculum_easy_fraction, d.priority_floor)
+
+
+def make_scorer(cfg) -> Optional[AsyncScorer]:
+    """``rl.async_scoring``: the pool that scores samples while generation goes on (None: after it)."""
+    r = cfg.rl
+    return AsyncScorer(cfg.data.reward, r.reward_timeout_s, r.scoring_workers) if r.async_scoring else None
 
 
 def make_buffer(cfg) -> Optional[ReplayBuffer]:
@@ -175,11 +229,14 @@ def partial_metrics(batch: RolloutBatch, buffer: ReplayBuffer, iteration: int) -
 # ---- the steps ------------------------------------------------------------------------------
 
 def assign_rewards(batch: RolloutBatch, cfg) -> Dict[str, int]:
-    """Score and shape on rank 0 (one reward call per kind), then share: sets ``Sample.reward``,
-    ``correct``, ``reward_parts`` on every rank. Returns the reward error / timeout counts."""
+    """Score (unless already scored during generation: ``batch.reward_counts``) and shape on rank 0,
+    then share: sets ``Sample.reward``, ``correct``, ``reward_parts`` on every rank (one rank decides: a
+    sandbox timeout cannot differ between ranks). Returns the reward error / timeout counts."""
     counts: Dict[str, int] = {}
     if dist.get_rank() == 0:
-        counts = score(batch.samples, cfg.data.reward, cfg.rl.reward_timeout_s)
+        counts = batch.reward_counts
+        if counts is None:
+            counts = score(batch.samples, cfg.data.reward, cfg.rl.reward_timeout_s)
         shape_rewards(batch, cfg)
     return _broadcast_scores(batch.samples, counts)
 
@@ -208,10 +265,11 @@ def update_policy(trainer: Trainer, samples: List[Sample], adv_N: torch.Tensor, 
             for mb in np.array_split(np.array(perm), cfg.rl.updates_per_iteration)]
 
 
-def evaluate(job: RLJob) -> Dict[str, float]:
-    """Greedy held-out accuracy and mean response length (collective)."""
-    samples = job.generator.greedy(job.backend, job.heldout_prompts)
-    if dist.get_rank() == 0:
+def evaluate(job: RLJob, scorer: Optional[AsyncScorer] = None) -> Dict[str, float]:
+    """Greedy held-out accuracy and mean response length (collective); with a ``scorer``, scored while
+    generating."""
+    samples = job.generator.greedy(job.backend, job.heldout_prompts, scorer)
+    if dist.get_rank() == 0 and scorer is None:
         score(samples, job.cfg.data.reward, job.cfg.rl.reward_timeout_s)
     payload = [[(s.correct,) for s in samples]] if dist.get_rank() == 0 else [None]
     dist.broadcast_object_list(payload, src=0)
@@ -221,29 +279,6 @@ def evaluate(job: RLJob) -> Dict[str, float]:
 
 
 # ---- rewards --------------------------------------------------------------------------------
-
-def score(samples: Sequence[Sample], reward_override: str | None, timeout_s: float = 300.0) -> Dict[str, int]:
-    """Task reward per sample (grouped by reward kind, one batched call each, within ``timeout_s``).
-
-    A reward that raises or hangs scores its samples 0; returns how many (``reward_errors``,
-    ``reward_timeouts``). An unknown reward name is still an error (a config mistake)."""
-    by_kind: Dict[str, List[int]] = {}
-    for i, s in enumerate(samples):
-        by_kind.setdefault(reward_override or s.prompt.kind, []).append(i)
-    counts = {"reward_errors": 0, "reward_timeouts": 0}
-    for kind, idx in by_kind.items():
-        fn = get_reward(kind)
-        outs, errors, timeouts = call_reward(
-            fn, [RewardInput(prompt=samples[i].prompt.prompt, response=samples[i].response,
-                             answer=samples[i].prompt.answer, kind=kind, tests=samples[i].prompt.tests,
-                             metadata=samples[i].prompt.metadata) for i in idx], timeout_s, kind)
-        counts["reward_errors"] += errors
-        counts["reward_timeouts"] += timeouts
-        for i, o in zip(idx, outs):
-            samples[i].correct = bool(o.correct)
-            samples[i].reward_parts = {"task": float(o.score)}
-    return counts
-
 
 def shape_rewards(batch: RolloutBatch, cfg) -> None:
     """Length penalty (§2.3.3, after its warm-up) and repeat penalty; sets ``Sample.reward``."""
@@ -292,6 +327,7 @@ def iteration_metrics(batch: RolloutBatch, steps: List[dict], times: Dict[str, f
         "grad_norm": float(np.mean([st["grad_norm"] for st in steps])),
         "lr": float(steps[-1]["lr"]),
         "nan_skipped_steps": int(sum(st.get("nan_skipped", 0) for st in steps)),
+        "dropped_requests": int(batch.dropped),  # by the backend after its retries; not in the samples
         "rollout_tokens_per_s": gen_tokens / max(times["rollout"], 1e-9),
         **{f"time_{k}_s": v for k, v in times.items()},
     }

@@ -67,6 +67,12 @@ class RolloutBatch:
     k: int
     samples: List[Sample]
     timings: Dict[str, float] = field(default_factory=dict)
+    # Set when the samples' task rewards were computed during generation (rl.async_scoring): the reward
+    # error / timeout counts (on rank 0; rl/generation.py). None: not scored yet.
+    reward_counts: Optional[Dict[str, int]] = None
+    # Requests the backend dropped (finish reason "dropped": a remote engine failed on them after its
+    # retries): not among the samples, so a group's baseline is the mean of what came back.
+    dropped: int = 0
 
     def groups(self) -> Dict[int, List[Sample]]:
         out: Dict[int, List[Sample]] = {}

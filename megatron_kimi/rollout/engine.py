@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_kimi.rollout.backend import KV_CACHE, check_tags
 from megatron_kimi.rollout.kv_cache import SlotKVCache
 from megatron_kimi.rollout.model_runner import MegatronRunner, unwrap_gpt_model
 from megatron_kimi.rollout.sampling import SamplingParams, sample_batch
@@ -165,12 +166,18 @@ class GenerationEngine:
         self.sync_tp = sync_tp
         self.cache: Optional[SlotKVCache] = None
         self.released = False  # release() freed the cache; generate needs resume() first
+        self.weight_version = 0
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ public API
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> List[GenerationResult]:
-        """Generate for every request (same order). All TP ranks must call it with the same requests."""
+    def generate(self, requests: Sequence[GenerationRequest],
+                 on_result: Optional[Callable[[GenerationResult], None]] = None) -> List[GenerationResult]:
+        """Generate for every request (same order). All TP ranks must call it with the same requests.
+
+        ``on_result(result)``: called with each result as soon as it is final (in finish order, while
+        the others are still generating; the result is not changed afterwards). It runs in the engine
+        loop, so it must be quick: hand slow work (a reward) to another thread."""
         assert not self.released, "generate() after release(): resume() first"
         requests = list(requests)
         check_requests(requests, self.max_seq_len, self.runner.padded_vocab_size)
@@ -183,7 +190,7 @@ class GenerationEngine:
         gpt.eval()
         try:
             with torch.inference_mode():
-                return self._run(requests, seeds)
+                return self._run(requests, seeds, on_result)
         finally:
             gpt.train(was_training)
 
@@ -210,7 +217,8 @@ class GenerationEngine:
             self.cache = r.new_cache(self.max_batch_size)
         return self.cache
 
-    def _run(self, requests: List[GenerationRequest], seeds: List[int]) -> List[GenerationResult]:
+    def _run(self, requests: List[GenerationRequest], seeds: List[int],
+             on_result: Optional[Callable[[GenerationResult], None]]) -> List[GenerationResult]:
         t_start = time.perf_counter()
         stats = self.stats = EngineStats()
         results: List[Optional[GenerationResult]] = [None] * len(requests)
@@ -221,6 +229,8 @@ class GenerationEngine:
             seq = _Seq(i, r, seeds[i], stops, limit)
             if limit <= 0:
                 results[i] = self._result(seq, "length")
+                if on_result is not None:
+                    on_result(results[i])
             else:
                 waiting.append(seq)
         if not waiting:
@@ -250,7 +260,7 @@ class GenerationEngine:
                 stats.prefill_calls += 1
                 stats.prefill_tokens += sum(len(s.prompt) for s in batch)
                 stats.prefill_s += time.perf_counter() - t0
-                self._retire(active, results, cache)
+                self._retire(active, results, cache, on_result)
             stats.max_active = max(stats.max_active, len(active))
             if not active:
                 continue
@@ -266,7 +276,7 @@ class GenerationEngine:
             stats.steps += 1
             stats.decode_tokens += len(active)
             stats.decode_s += time.perf_counter() - t0
-            self._retire(active, results, cache)
+            self._retire(active, results, cache, on_result)
         stats.generated_tokens = sum(len(r.output_ids) for r in results)
         stats.wall_s = time.perf_counter() - t_start
         return results  # type: ignore[return-value]
@@ -315,8 +325,8 @@ class GenerationEngine:
 
     def update_weights(self, model) -> None:
         """Nothing to copy: the engine runs the trainer's own modules, so it always has their weights."""
-        assert not self.released, "update_weights() after release(): resume() first"
         assert unwrap_gpt_model(model) is self.runner.gpt, "the built-in engine generates with the model it was built on"
+        self.weight_version += 1
 
     def release(self) -> None:
         """Free the KV cache for training. (On CUDA the blocks go back to PyTorch's caching allocator,
@@ -324,15 +334,18 @@ class GenerationEngine:
         self.cache = None
         self.released = True
 
-    def resume(self) -> None:
-        """Allocate the KV cache again (as the first ``generate`` would)."""
-        self.released = False
-        self._ensure_cache()
+    def resume(self, tags=None) -> None:
+        """Allocate the KV cache again (as the first ``generate`` would); the weights are the trainer's,
+        so ``"weights"`` alone does nothing."""
+        if KV_CACHE in check_tags(tags):
+            self.released = False
+            self._ensure_cache()
 
     def close(self) -> None:
         self.release()
 
-    def _retire(self, active: List[_Seq], results: List, cache: SlotKVCache) -> None:
+    def _retire(self, active: List[_Seq], results: List, cache: SlotKVCache,
+                on_result: Optional[Callable[[GenerationResult], None]] = None) -> None:
         """Remove finished sequences; keep the rest compacted in slots 0..B'-1."""
         if not any(s.finish for s in active):
             return
@@ -340,6 +353,8 @@ class GenerationEngine:
         for s in active:
             if s.finish:
                 results[s.index] = self._result(s, s.finish)
+                if on_result is not None:
+                    on_result(results[s.index])
         n = len(keep)
         holes = [b for b in range(n) if active[b].finish]  # slots < n to refill
         movers = [b for b in keep if b >= n]  # survivors beyond the new end

@@ -27,9 +27,16 @@ teacher-forced pass (``prompt_logprobs`` over prompt + response).
 Differences from the built-in engine: ``stop_strings`` are not supported (no tokenizer in the engine);
 a ``repeat_detector_factory`` is applied to the finished response (cut at the first token where it
 fires, finish reason ``"repeat"``): same tokens, the tokens after the cut are wasted compute;
-``mean_entropy`` is None (it needs the full distribution). Only tensor and pipeline size 1 (each
-data-parallel rank runs its own engine on its own requests). ``release``/``resume`` use vLLM's sleep
-mode on CUDA; on CPU they do nothing.
+``mean_entropy`` is None (it needs the full distribution).
+
+Parallelism: pipeline size 1. Each data-parallel replica runs one engine (vLLM TP = 1) on its TP rank
+0 (the leader): the weight export is collective over the TP group (shards assembled by a reduce), the
+leader writes and reloads, and generation results are broadcast from it to the group.
+
+Colocation (CUDA): ``release`` puts vLLM to sleep (level 1 by default: weights to CPU, KV cache
+freed); ``resume(["weights"])`` → ``update_weights`` → ``resume(["kv_cache"])`` wakes it in the order of
+the protocol (rollout/backend.py), so the KV cache is allocated only once the new weights are in.
+On CPU (vLLM has no sleep mode there) release/resume only track the state and say so once in the log.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import torch
 
 from megatron_kimi.config import ModelConfig
 from megatron_kimi.convert import hf
+from megatron_kimi.rollout.backend import TAGS, WEIGHTS, check_tags
 from megatron_kimi.rollout.engine import GenerationRequest, GenerationResult, check_requests, draw_seeds
 
 log = logging.getLogger(__name__)
@@ -64,14 +72,44 @@ def _chunks(model) -> list:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def megatron_to_hf_tensors(model, arch: hf.Arch, dtype: torch.dtype, untie: bool = False):
-    """Yield (hf_name, tensor) for every weight of ``model`` (its chunks; TP = PP = 1), in HF order.
+def _tp():
+    """(group, size, source rank) of this rank's tensor-parallel group; size 1 without Megatron's groups."""
+    from megatron.core import parallel_state as ps
 
-    One Megatron tensor at a time, assembled from this rank's shards of it (SwiGLU's fc1 comes as a
-    gate and an up shard); a fused qkv / gate-up tensor yields its q/k/v / gate/up parts. ``untie``:
-    a tied model also gets ``lm_head.weight`` (a copy of the embedding)."""
+    if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+        return None, 1, 0
+    return (ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_src_rank())
+
+
+def is_tp_leader() -> bool:
+    """The rank of its tensor-parallel group that owns the engine (TP rank 0)."""
+    group, size, src = _tp()
+    return size == 1 or torch.distributed.get_rank() == src
+
+
+def broadcast_from_tp_leader(obj):
+    """The TP leader's ``obj`` on every rank of its tensor-parallel group (identity at TP = 1)."""
+    group, size, src = _tp()
+    if size == 1:
+        return obj
+    box = [obj if torch.distributed.get_rank() == src else None]
+    torch.distributed.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def megatron_to_hf_tensors(model, arch: hf.Arch, dtype: torch.dtype, untie: bool = False):
+    """Yield (hf_name, tensor) for every weight of ``model`` (its chunks; PP = 1), in HF order.
+
+    One Megatron tensor at a time. Collective over the tensor-parallel group (every TP rank must run
+    the generator to the end, in step): a tensor sharded over TP ranks is assembled by a sum-reduce of
+    zero-filled full-size buffers (the shards are disjoint, so the sum is exact) on the shards' device
+    (NCCL on GPU, gloo on CPU); a replicated one (norms) is taken as it is. Every TP rank gets the full
+    tensors. SwiGLU's fc1 comes as a gate and an up shard; a fused qkv / gate-up tensor yields its q/k/v /
+    gate/up parts. ``untie``: a tied model also gets ``lm_head.weight`` (a copy of the embedding)."""
     from megatron_kimi.model.sharding import local_shards
 
+    group, tp, _ = _tp()
     by_name: Dict[str, list] = {}
     for shard in local_shards(_chunks(model)):
         by_name.setdefault(shard.name, []).append(shard)
@@ -82,19 +120,29 @@ def megatron_to_hf_tensors(model, arch: hf.Arch, dtype: torch.dtype, untie: bool
         shards = by_name.get(name)
         if not shards:
             raise NotImplementedError(f"vLLM weight sync: this rank holds no part of {name} (pipeline parallel > 1?); "
-                                      "only TP = PP = 1 is supported")
+                                      "only PP = 1 is supported")
         shape = tuple(shards[0].full_shape)
         covered = sum(s.tensor.numel() for s in shards)
-        if covered != math.prod(shape):
-            raise NotImplementedError(f"vLLM weight sync: {name} is sharded over ranks (tensor parallel > 1); "
-                                      "only TP = PP = 1 is supported")
         with torch.no_grad():
-            if len(shards) == 1:
-                full = shards[0].tensor.detach().to(device="cpu", dtype=dtype).reshape(shape)
-            else:
-                full = torch.empty(shape, dtype=dtype)
+            if covered == math.prod(shape) and len(shards) == 1:  # replicated, or TP = 1
+                full = shards[0].tensor.detach().reshape(shape)
+            elif covered == math.prod(shape):  # fc1 at TP = 1: gate and up shards
+                full = torch.empty(shape, dtype=shards[0].tensor.dtype, device=shards[0].tensor.device)
                 for s in shards:
-                    full[s.index] = s.tensor.detach().to(device="cpu", dtype=dtype)
+                    full[s.index] = s.tensor.detach()
+            else:
+                if tp == 1:
+                    raise NotImplementedError(f"vLLM weight sync: {name} is only partly on this rank "
+                                              "(pipeline or expert parallel?)")
+                t0 = shards[0].tensor
+                full = torch.zeros(shape, dtype=t0.dtype, device=t0.device)
+                for s in shards:
+                    full[s.index] = s.tensor.detach()
+                count = torch.tensor([covered], dtype=torch.int64, device=t0.device)
+                torch.distributed.all_reduce(full, group=group)
+                torch.distributed.all_reduce(count, group=group)
+                assert int(count) == math.prod(shape), f"{name}: TP shards cover {int(count)} of {math.prod(shape)}"
+            full = full.to(device="cpu", dtype=dtype)
         parts = hf.hf_from_megatron(name, full, arch)
         yield from parts.items()
         if untie and arch.tied and name == hf.EMBEDDING:
@@ -130,6 +178,22 @@ def write_safetensors_buckets(items, out_dir: Path, bucket_bytes: int) -> int:
     return total
 
 
+def hf_export_config(model, model_cfg: ModelConfig, dtype: torch.dtype, what: str = "rollout.engine=vllm"):
+    """(config.json dict, :class:`hf.Arch`) of the HF model a vLLM engine serves for the trainer's ``model``.
+
+    The padded vocabulary, so that vLLM's softmax matches the trainer's. No token ids (they are the
+    engine's business: stop ids are passed per request). A tied model is served untied (lm_head: a copy
+    of the embedding): vLLM 0.32's in-place reload does not refresh a tied lm_head (it keeps the old one)."""
+    padded = VllmBackend._padded_vocab(model)
+    model_type = "qwen2" if model_cfg.add_qkv_bias else "llama"
+    try:
+        hf_config = hf.hf_config_from_model_config(model_cfg, model_type, padded, dtype)
+    except hf.ConversionError as e:
+        raise ValueError(f"{what}: the model cannot be served by vLLM: {e}") from None
+    hf_config.update(bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    return hf_config, hf.arch_from_model_config(model_cfg, padded, padded)
+
+
 class VllmBackend:
     """A :class:`~megatron_kimi.rollout.backend.RolloutBackend` on a vLLM engine (see the module docstring).
 
@@ -145,11 +209,16 @@ class VllmBackend:
         weights_dir: where the HF directory goes (default: a fresh directory under /dev/shm, else the
             system temp dir); removed by :meth:`close` when the backend created it.
         engine_kwargs: more ``vllm.LLM`` arguments (override the defaults here).
+        sleep_level: vLLM's sleep level for :meth:`release` on CUDA (1: weights offloaded to CPU memory,
+            KV cache discarded; 2: both discarded -- the sync rewrites the weights anyway).
+        gpu_memory_utilization: on CUDA, the share of the GPU vLLM may take (weights + KV cache); the
+            trainer shares the GPU (colocation).
     """
 
     def __init__(self, model, model_cfg: ModelConfig, *, max_seq_len: int, max_batch_size: int = 64,
                  eos_token_id=None, seed: int = 0, dtype: str = "float32", sync_bucket_mb: float = 512,
-                 weights_dir: Optional[str] = None, engine_kwargs: Optional[dict] = None):
+                 weights_dir: Optional[str] = None, engine_kwargs: Optional[dict] = None, sleep_level: int = 1,
+                 gpu_memory_utilization: float = 0.5):
         if not vllm_available():
             raise ValueError("rollout.engine=vllm needs vllm importable: build its environment with "
                              "`make venv-vllm` and run with .venv-vllm/bin/python")
@@ -170,22 +239,22 @@ class VllmBackend:
         self.last_sync_s: Optional[float] = None
         self.last_sync_gbps: Optional[float] = None
         self.last_sync_bytes = 0
-        self.released = False
+        self.asleep: set = set()  # tags released and not resumed yet
+        self.sleep_level = int(sleep_level)
+        self.gpu_memory_utilization = float(gpu_memory_utilization)
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         self._warned_sleep = False
 
-        # the HF architecture: the padded vocabulary, so that vLLM's softmax matches the trainer's
-        padded = self._padded_vocab(model)
-        model_type = "qwen2" if model_cfg.add_qkv_bias else "llama"
-        try:
-            self.hf_config = hf.hf_config_from_model_config(model_cfg, model_type, padded, self.dtype)
-        except hf.ConversionError as e:
-            raise ValueError(f"rollout.engine=vllm: the model cannot be served by vLLM: {e}") from None
-        # token ids are the engine's business (stop ids are passed per request). A tied model is
-        # served untied (lm_head: a copy of the embedding): vLLM 0.32's in-place reload does not
-        # refresh a tied lm_head (it keeps the old one).
-        self.hf_config.update(bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
-        self.arch = hf.arch_from_model_config(model_cfg, padded, padded)
+        self.hf_config, self.arch = hf_export_config(model, model_cfg, self.dtype, "rollout.engine=vllm")
 
+        self.leader = is_tp_leader()
+        self.llm = None
+        self.start_s = 0.0
+        if not self.leader:  # the TP leader runs the engine; this rank takes part in the weight export
+            self.dir, self._owns_dir = None, False
+            self.last_sync_bytes = self.write_weights(model)
+            return
         if weights_dir is None:
             base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
             self.dir = Path(tempfile.mkdtemp(prefix="kimi-vllm-", dir=base))
@@ -220,6 +289,8 @@ class VllmBackend:
             enable_chunked_prefill=False, max_num_batched_tokens=max(8192, self.max_seq_len),
             enable_prefix_caching=True, enable_sleep_mode=cuda,
         )
+        if cuda:  # colocated: the trainer keeps the rest of the GPU
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         kwargs.update(engine_kwargs or {})
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
@@ -249,9 +320,18 @@ class VllmBackend:
         drawn = iter(draw_seeds(sum(r.params.seed is None for r in requests)).tolist())
         return [int(r.params.seed) if r.params.seed is not None else int(next(drawn)) for r in requests]
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> List[GenerationResult]:
-        assert not self.released, "generate() after release(): resume() first"
-        requests = list(requests)
+    def generate(self, requests: Sequence[GenerationRequest], on_result=None) -> List[GenerationResult]:
+        """Every rank of a TP group passes the same requests; the leader's engine runs them and the
+        results are broadcast to the group. ``on_result(result)``: called for each result, in request
+        order, once all are done (vLLM's in-process ``LLM.generate`` returns everything at once; the
+        logprobs are rescored before)."""
+        assert not self.asleep, f"generate() while {sorted(self.asleep)} asleep: resume() first"
+        results = broadcast_from_tp_leader(self._generate(list(requests)) if self.leader else None)
+        for r in results if on_result is not None else ():
+            on_result(r)
+        return results
+
+    def _generate(self, requests: List[GenerationRequest]) -> List[GenerationResult]:
         check_requests(requests, self.max_seq_len, self.arch.padded_vocab_size)
         for r in requests:
             if r.params.stop_strings:
@@ -297,16 +377,19 @@ class VllmBackend:
                         rescore.append(i)
                 results[i] = res
             if rescore:
-                for i, lps in zip(rescore, self.score([list(requests[i].prompt_ids) for i in rescore],
+                for i, lps in zip(rescore, self._score([list(requests[i].prompt_ids) for i in rescore],
                                                       [results[i].output_ids for i in rescore])):
                     results[i].logprobs = lps
         return results  # type: ignore[return-value]
 
     def score(self, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> List[List[float]]:
         """Raw-policy log-probs of ``outputs[i]`` after ``prompts[i]`` (teacher-forced ``prompt_logprobs``)."""
+        assert not self.asleep, f"score() while {sorted(self.asleep)} asleep: resume() first"
+        return broadcast_from_tp_leader(self._score(prompts, outputs) if self.leader else None)
+
+    def _score(self, prompts, outputs) -> List[List[float]]:
         from vllm import SamplingParams as VSP
 
-        assert not self.released, "score() after release(): resume() first"
         seqs = [{"prompt_token_ids": [int(t) for t in p] + [int(t) for t in o]} for p, o in zip(prompts, outputs)]
         sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, ignore_eos=True)
         outs = self.llm.generate(seqs, [sp] * len(seqs), use_tqdm=False)
@@ -320,20 +403,24 @@ class VllmBackend:
     # ------------------------------------------------------------------ weights
 
     def write_weights(self, model) -> int:
-        """The trainer's weights as HF safetensors files in the weights directory; returns their bytes."""
-        return write_safetensors_buckets(megatron_to_hf_tensors(model, self.arch, self.dtype, untie=True), self.dir,
-                                         self.sync_bucket_bytes)
+        """The trainer's weights as HF safetensors files in the weights directory; returns their bytes.
+        Collective over the TP group; only the leader writes."""
+        tensors = megatron_to_hf_tensors(model, self.arch, self.dtype, untie=True)
+        if self.leader:
+            return write_safetensors_buckets(tensors, self.dir, self.sync_bucket_bytes)
+        return sum(t.numel() * t.element_size() for _, t in tensors)
 
     def update_weights(self, model) -> None:
         """Export the trainer's weights (bounded files in the weights directory), reload them into vLLM,
         reset the prefix cache; ``weight_version += 1``. Timing: ``last_sync_s`` / ``last_sync_gbps``."""
-        assert not self.released, "update_weights() after release(): resume() first"
+        assert WEIGHTS not in self.asleep, "update_weights() into sleeping weights: resume(['weights']) first"
         t0 = time.perf_counter()
-        nbytes = self.write_weights(model)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.dir)})
-        ok = self.llm.reset_prefix_cache()
-        if ok is False:
-            raise RuntimeError("vLLM did not reset its prefix cache after the weight update (requests running?)")
+        nbytes = self.write_weights(model)  # collective over the TP group
+        if self.leader:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.dir)})
+            ok = self.llm.reset_prefix_cache()
+            if ok is False:
+                raise RuntimeError("vLLM did not reset its prefix cache after the weight update (requests running?)")
         self.last_sync_s = time.perf_counter() - t0
         self.last_sync_bytes = nbytes
         self.last_sync_gbps = nbytes / max(self.last_sync_s, 1e-9) / 1e9
@@ -341,24 +428,28 @@ class VllmBackend:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _cpu_note(self) -> None:
+    def _cpu_note(self, what: str) -> None:
         if not self._warned_sleep:
-            log.warning("vLLM sleep mode is CUDA-only: release()/resume() keep the engine's memory on CPU")
+            log.warning("vLLM sleep mode is CUDA-only: %s keeps the engine's memory on CPU (a no-op here)", what)
             self._warned_sleep = True
 
     def release(self) -> None:
-        if torch.cuda.is_available():
-            self.llm.sleep(level=1)
-        else:
-            self._cpu_note()
-        self.released = True
+        """vLLM sleeps (``rollout.sleep_level``; level 1: weights to CPU, KV cache discarded)."""
+        assert not self.asleep, f"release() while {sorted(self.asleep)} asleep"
+        if self.leader and torch.cuda.is_available():
+            self.llm.sleep(level=self.sleep_level)
+        elif self.leader:
+            self._cpu_note("release()")
+        self.asleep = set(TAGS)
 
-    def resume(self) -> None:
-        if self.released and torch.cuda.is_available():
-            self.llm.wake_up()
-        elif not torch.cuda.is_available():
-            self._cpu_note()
-        self.released = False
+    def resume(self, tags=None) -> None:
+        """Wake ``tags`` (None: all); the loop wakes the weights, syncs them, then wakes the KV cache."""
+        wake = check_tags(tags) & self.asleep
+        if wake and self.leader and torch.cuda.is_available():
+            self.llm.wake_up(tags=sorted(wake))
+        elif wake and self.leader:
+            self._cpu_note("resume()")
+        self.asleep -= wake
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List
 
 import torch
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -79,3 +79,33 @@ def build_scheduler(optimizer, opt: OptimizerConfig, total_steps: int) -> Optimi
         use_checkpoint_opt_param_scheduler=True,
         override_opt_param_scheduler=False,
     )
+
+
+def inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside a Megatron optimizer (chained or not)."""
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def move_optimizer_state(optimizer, move: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Replace every tensor of the optimizer's per-parameter state (Adam's moments, step counters) by
+    ``move(tensor)``; returns the bytes moved.
+
+    The parameters themselves stay: with the distributed optimizer over fp32 parameters, the
+    optimizer's parameters are views into the model's (an update through them is the model's update),
+    and a copy elsewhere would cut that link. The moments are the bulk (2 × 4 bytes per parameter).
+    """
+    nbytes = 0
+    for opt in inner_optimizers(optimizer):
+        for state in opt.state.values():
+            for key, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    state[key] = move(v)
+                    nbytes += v.numel() * v.element_size()
+    return nbytes
+
+
+def to_pinned_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy in pinned memory (an asynchronous copy back to the GPU later)."""
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out

@@ -23,6 +23,7 @@ from megatron_kimi.training import checkpoint as ckpt
 from megatron_kimi.training.checkpointer import Checkpointer
 from megatron_kimi.training.lm_step import named_report, reduce_reports
 from megatron_kimi.training.metrics import MetricsWriter, peak_memory_mb
+from megatron_kimi.training.optim import inner_optimizers, move_optimizer_state, to_pinned_cpu
 from megatron_kimi.training.runtime import ModelBundle
 
 
@@ -110,6 +111,7 @@ class Trainer:
         self.micro_batch_size = micro_batch_size
         self.loss_key = loss_key
         self.state = TrainState()
+        self.optimizer_offloaded = False  # offload_optimizer() ... reload_optimizer()
 
     @property
     def model(self) -> List:
@@ -122,6 +124,7 @@ class Trainer:
 
         Returns the step's metrics; ``"report"`` is the global report by field name
         (``lm_step.REPORT_FIELDS``: ``loss_sum``, ``loss_count``, ...)."""
+        assert not self.optimizer_offloaded, "train_step() with the optimizer state offloaded: reload_optimizer() first"
         b = self._bundle
         for chunk in b.model:
             chunk.zero_grad_buffer()
@@ -197,12 +200,31 @@ class Trainer:
 
     def reset_optimizer_state(self) -> None:
         """Zero Adam's moments and step counters (the paper resets the optimizer every RL iteration)."""
-        optimizer = self._bundle.optimizer
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            for state in opt.optimizer.state.values():
+        for opt in inner_optimizers(self._bundle.optimizer):
+            for state in opt.state.values():
                 for v in state.values():
                     if isinstance(v, torch.Tensor):
                         v.zero_()
+
+    def offload_optimizer(self) -> int:
+        """Move the optimizer state (Adam's moments) to pinned CPU memory while a colocated rollout engine
+        needs the GPU; returns the bytes moved (0 on CPU, where there is nowhere to move it)."""
+        assert not self.optimizer_offloaded, "offload_optimizer() twice"
+        self.optimizer_offloaded = True
+        if not torch.cuda.is_available():
+            return 0
+        return move_optimizer_state(self._bundle.optimizer, to_pinned_cpu)
+
+    def reload_optimizer(self) -> int:
+        """Undo :meth:`offload_optimizer` (before the next optimizer step); returns the bytes moved."""
+        assert self.optimizer_offloaded, "reload_optimizer() without offload_optimizer()"
+        self.optimizer_offloaded = False
+        if not torch.cuda.is_available():
+            return 0
+        device = torch.device("cuda", torch.cuda.current_device())
+        nbytes = move_optimizer_state(self._bundle.optimizer, lambda t: t.to(device, non_blocking=True))
+        torch.cuda.current_stream().synchronize()  # the pinned buffers may be freed after this
+        return nbytes
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self, source: BatchSource, writer: MetricsWriter, total_steps: int, checkpointer: Checkpointer,
@@ -227,6 +249,12 @@ class Trainer:
         return history
 
     def save(self, ckpt_root: Path, keep_last: int = 0, extra: Optional[dict] = None) -> Path:
+        if self.optimizer_offloaded:  # the checkpoint code expects the state where the parameters are
+            self.reload_optimizer()
+            try:
+                return self.save(ckpt_root, keep_last, extra)
+            finally:
+                self.offload_optimizer()
         b = self._bundle
         return ckpt.save(ckpt_root, self.state.step, b.model, b.optimizer, b.scheduler, asdict(self.state),
                          extra=extra, keep_last=keep_last)

@@ -15,19 +15,22 @@ class FakeBackend:
     """A RolloutBackend that records the lifecycle calls and answers sample j of a prompt with
     ``digits`` (j odd: reward 1 from ``starts_with_digit``) or the prompt's last two tokens (j even:
     reward 0). It checks the protocol's rules: nothing but resume() while released, and generate()
-    only with the trainer's current weights."""
+    only with the trainer's current weights, weights taken only while awake, and the optimizer state
+    on CPU (offloaded) whenever the engine is awake."""
 
     def __init__(self, trainer, digits):
         self.trainer = trainer
         self.digits = list(digits)
         self.calls = []
-        self.released = True  # nothing is allocated before the first resume()
+        self.asleep = {"weights", "kv_cache"}  # nothing is allocated before the first resume()
         self.weights_step = None  # the trainer step of the weights last taken
+        self.weight_version = 0
 
-    def generate(self, requests):
+    def generate(self, requests, on_result=None):
         from megatron_kimi.rollout.engine import GenerationResult
 
-        assert not self.released, "generate() while released"
+        assert not self.asleep, "generate() while released"
+        assert self.trainer.optimizer_offloaded, "generate() with the optimizer state on the GPU"
         assert self.weights_step == self.trainer.state.step, "generate() with stale weights"
         self.calls.append("generate")
         out = []
@@ -35,30 +38,37 @@ class FakeBackend:
             ids = self.digits if int(r.request_id.split("/")[1]) % 2 else list(r.prompt_ids[-2:])
             out.append(GenerationResult(request_id=r.request_id, prompt_ids=list(r.prompt_ids), output_ids=ids,
                                         logprobs=[-1.0] * len(ids), finish_reason="stop"))
+            if on_result is not None:  # streamed, as the built-in engine does
+                on_result(out[-1])
         return out
 
     def update_weights(self, model):
-        assert not self.released, "update_weights() while released"
+        assert "weights" not in self.asleep, "update_weights() into sleeping weights"
+        assert "kv_cache" in self.asleep, "update_weights() with the KV cache allocated (peak memory)"
         assert model is self.trainer.model
         self.calls.append("update_weights")
         self.weights_step = self.trainer.state.step
+        self.weight_version += 1
 
     def release(self):
-        assert not self.released, "release() twice"
+        assert not self.asleep, "release() twice"
         self.calls.append("release")
-        self.released = True
+        self.asleep = {"weights", "kv_cache"}
 
-    def resume(self):
-        assert self.released, "resume() while resumed"
-        self.calls.append("resume")
-        self.released = False
+    def resume(self, tags=None):
+        tags = set(tags or ("weights", "kv_cache"))
+        assert tags <= self.asleep, f"resume({sorted(tags)}) while awake"
+        assert self.trainer.optimizer_offloaded, "resume() with the optimizer state on the GPU"
+        self.calls.append("resume:" + "+".join(sorted(tags)))
+        self.asleep -= tags
 
     def close(self):
         self.calls.append("close")
 
 
-def loop_with_fake_backend(rank, world_size, run_dir):
-    """The RL loop (rl/loop.py) on the demo's tiny model, with :class:`FakeBackend` for rollouts."""
+def loop_with_fake_backend(rank, world_size, run_dir, *overrides):
+    """The RL loop (rl/loop.py) on the demo's tiny model, with :class:`FakeBackend` for rollouts
+    (``overrides``: more config overrides)."""
     from megatron_kimi.platform import cpu_emulation
 
     cpu_emulation.activate()
@@ -70,7 +80,7 @@ def loop_with_fake_backend(rank, world_size, run_dir):
     from megatron_kimi.training.metrics import MetricsWriter
     from megatron_kimi.training.runtime import initialize, shutdown
 
-    cfg = load_config(str(REPO / "examples/demo/rl.yaml"), [f"run_dir={run_dir}", *OVERRIDES], RLConfig)
+    cfg = load_config(str(REPO / "examples/demo/rl.yaml"), [f"run_dir={run_dir}", *OVERRIDES, *overrides], RLConfig)
     ctx = initialize(cfg)
     try:
         job = build_rl_job(cfg, ctx)
@@ -89,7 +99,8 @@ def loop_with_fake_backend(rank, world_size, run_dir):
         summary, history = loop.train(job, MetricsWriter.from_config(cfg, enabled=False),
                                       Checkpointer.from_config(cfg, job.trainer), Path(run_dir), resumed_from=None)
         return {"calls": fake.calls, "summary": summary, "history": history, "reports": reports,
-                "state": (job.trainer.state.step, job.trainer.state.iteration)}
+                "state": (job.trainer.state.step, job.trainer.state.iteration),
+                "offloaded_at_end": job.trainer.optimizer_offloaded}
     finally:
         shutdown()
 
@@ -149,12 +160,12 @@ class SegmentingFakeBackend(FakeBackend):
         self.marker = {1: tokenizer("4", add_special_tokens=False)["input_ids"][0],
                        0: tokenizer("x", add_special_tokens=False)["input_ids"][0]}
 
-    def generate(self, requests):
+    def generate(self, requests, on_result=None):
         import zlib
 
         from megatron_kimi.rollout.engine import GenerationResult
 
-        assert not self.released and self.weights_step == self.trainer.state.step
+        assert not self.asleep and self.weights_step == self.trainer.state.step
         self.calls.append("generate")
         out = []
         for r in requests:
@@ -164,6 +175,8 @@ class SegmentingFakeBackend(FakeBackend):
             n = min(target - done, r.params.max_new_tokens)
             out.append(GenerationResult(request_id=r.request_id, prompt_ids=list(r.prompt_ids), output_ids=[tok] * n,
                                         logprobs=[-0.5] * n, finish_reason="stop" if done + n >= target else "length"))
+            if on_result is not None:
+                on_result(out[-1])
         return out
 
 

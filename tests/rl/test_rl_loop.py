@@ -10,11 +10,13 @@ import pytest
 from tests.dist import run_distributed
 from tests.rl import bodies
 
-# Before the first iteration: resume, take the weights, evaluate. Every iteration: generate, release
-# for training, resume with the new weights; a held-out evaluation after iterations 2 and 3 (the last).
-ITERATION = ["generate", "release", "resume", "update_weights"]
-EXPECTED = (["resume", "update_weights", "generate"] + ITERATION + ITERATION + ["generate"]
-            + ITERATION + ["generate"] + ["close"])
+# Before the first iteration: wake the weights, take them, wake the KV cache, evaluate. Every
+# iteration: generate, release for training, then the same wake-up with the new weights; a held-out
+# evaluation after iterations 2 and 3 (the last). FakeBackend checks that the optimizer state is
+# offloaded whenever it is awake.
+WAKE = ["resume:weights", "update_weights", "resume:kv_cache"]
+ITERATION = ["generate", "release"] + WAKE
+EXPECTED = (WAKE + ["generate"] + ITERATION + ITERATION + ["generate"] + ITERATION + ["generate"] + ["close"])
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,17 @@ def test_loop_calls_the_backend_lifecycle_in_order(fake_run):
     assert ["eval_accuracy" in r for r in fake_run["history"]] == [False, True, True]
     assert set(fake_run["summary"]) == {"before", "after"}
     assert fake_run["summary"]["after"]["accuracy"] == fake_run["history"][-1]["eval_accuracy"]
+
+
+def test_switches_are_timed_and_versioned(fake_run):
+    history = fake_run["history"]
+    assert [r["weight_version"] for r in history] == [2, 3, 4]  # one sync before the loop, one per iteration
+    for r in history:
+        for switch in ("release", "reload_optimizer", "offload_optimizer", "wake_weights", "sync_weights",
+                       "wake_kv_cache"):
+            assert r[f"time_switch_{switch}_s"] >= 0
+        assert "sync_gbps" not in r  # the fake engine has no copy of the weights to move
+    assert not fake_run["offloaded_at_end"]  # the trainer is left as it was found
 
 
 def test_step_reports_are_named(fake_run):

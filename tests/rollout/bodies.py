@@ -151,9 +151,12 @@ def _release_and_resume(engine, chunks):
             out[f"{name}_released"] = "allowed"
         except AssertionError as e:
             out[f"{name}_released"] = str(e)
-    engine.resume()
+    engine.resume(["weights"])  # the trainer's weights are the engine's: nothing to wake, no cache yet
+    out["weights_only_no_cache"] = engine.cache is None and engine.released
+    engine.resume(["kv_cache"])
     out["restored"] = engine.cache is not None and (tuple(engine.cache.k.shape), engine.cache.nbytes) == (shape, nbytes)
     engine.update_weights(chunks)  # a no-op: the engine runs the trainer's modules
+    out["versions"] = engine.weight_version
     out["after"] = greedy()
     engine.close()
     out["closed"] = engine.cache is None
@@ -185,6 +188,17 @@ def engine_job(rank, world_size, tp, with_reference=True, with_pp_check=False):
         out["greedy"] = _pack(greedy)
         out["stats"]["greedy"] = vars(engine.stats).copy()
         out["train_mode_restored"] = model.training
+        # the same, streamed: on_result gets each result when it is final (a copy taken then, and the
+        # decode steps done so far)
+        streamed = []
+
+        def on_result(res):
+            streamed.append(dict(_pack([res])[0], out=list(res.output_ids), lp=list(res.logprobs),
+                                 step=engine.stats.steps))
+
+        final = engine.generate(_requests(lambda i: SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW[i])),
+                                on_result=on_result)
+        out["streamed"] = {"calls": streamed, "final": _pack(final), "steps": engine.stats.steps}
         # the other CPU code paths: SDPA decode attention and F.linear GEMMs (auto: bmm / W @ x.T)
         alt = GenerationEngine(chunks, max_batch_size=MAX_BATCH, max_seq_len=64, decode_attention="sdpa")
         alt.runner.small_rows = 0
@@ -226,7 +240,10 @@ def engine_job(rank, world_size, tp, with_reference=True, with_pp_check=False):
             GenerationRequest("one", P[5], SamplingParams(temperature=0.0, max_new_tokens=1)),
             GenerationRequest("cap", P[3], SamplingParams(temperature=0.0, max_new_tokens=1000)),
         ]
-        out["finish"] = _pack(engine.generate(reqs))
+        finish_order = []
+        out["finish"] = _pack(engine.generate(reqs, on_result=lambda r: finish_order.append(
+            (r.request_id, engine.stats.steps))))
+        out["finish_order"] = finish_order
         out["stop_tok"] = stop_tok
         eos_engine = GenerationEngine(chunks, max_batch_size=2, max_seq_len=64, eos_token_id=stop_tok)
         out["eos"] = _pack(eos_engine.generate([GenerationRequest("eos", P[0], SamplingParams(temperature=0.0))]))

@@ -111,8 +111,12 @@ def test_release_frees_the_kv_cache_and_resume_restores_it(job, request):
     life = request.getfixturevalue(job)["lifecycle"]
     assert life["is_backend"]  # GenerationEngine implements rollout.backend.RolloutBackend
     assert life["freed"]  # no cache, and its K and V tensors are gone
-    assert "resume() first" in life["generate_released"] and "resume() first" in life["update_weights_released"]
+    assert "resume() first" in life["generate_released"]
+    # the protocol syncs weights before the KV cache wakes; here that is a no-op on the trainer's modules
+    assert life["update_weights_released"] == "allowed"
+    assert life["weights_only_no_cache"]
     assert life["restored"]  # the same slots and length again
+    assert life["versions"] == 2
     assert life["after"] == life["before"]  # tokens and logprobs, exactly
     assert life["closed"]
 
@@ -170,6 +174,28 @@ def test_finish_reasons(tp1):
     assert f["cap"]["finish"] == "length" and len(f["cap"]["out"]) == 64 - PROMPT_LENS[3]  # max_seq_len
     eos = tp1["eos"][0]
     assert eos["finish"] == "stop" and eos["out"] == g0[:first + 1]
+
+
+@pytest.mark.parametrize("job", ["tp1", "tp2"])
+def test_on_result_streams_each_final_result_in_finish_order(job, request):
+    res = request.getfixturevalue(job)
+    st = res["streamed"]
+    calls, final = st["calls"], {r["id"]: r for r in st["final"]}
+    assert sorted(c["id"] for c in calls) == sorted(final)  # once per request
+    assert _outs(st["final"]) == _outs(res["greedy"])  # streaming changes nothing
+    assert _max_lp_diff(st["final"], [r["lp"] for r in res["greedy"]]) <= TOL
+    for c in calls:  # what the callback saw is the final result (not changed afterwards)
+        assert {k: c[k] for k in final[c["id"]]} == final[c["id"]]
+        assert len(c["out"]) == MAX_NEW[c["id"]]  # called once finished, not before
+    steps = [c["step"] for c in calls]
+    assert steps == sorted(steps)  # in finish order
+    order = [c["id"] for c in calls]
+    # requests 0 (20 tokens) and 1 (5 tokens) start together: 1 is delivered while 0 still generates
+    assert order.index(1) < order.index(0) and calls[order.index(1)]["step"] < calls[order.index(0)]["step"]
+    assert steps[0] < st["steps"]  # the first callback came before the last decode step
+    # a request with no room for a token is final at once, before any decode step
+    assert res["finish_order"][0] == ("zero", 0)
+    assert sorted(i for i, _ in res["finish_order"]) == sorted(r["id"] for r in res["finish"])
 
 
 def test_invalid_requests_are_rejected(tp1):

@@ -103,3 +103,22 @@ def test_weight_sync(job):
 def test_prefix_cache_reset_after_sync(job):
     assert job["stale_diff"] > 1e-3  # reloaded weights, old prefix cache: stale KV
     assert job["fresh_diff"] <= TOL  # update_weights resets it
+
+
+@vllm
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_trainer_at_tp2(name):
+    # Llama untied (GQA), Qwen2 tied with q/k/v biases: the engine starts from the export of the two
+    # ranks' shards, so a dropped or misplaced shard mismatches at once; then a perturbed sync.
+    from tests.rollout import vllm_bodies
+
+    outs = run_distributed(vllm_bodies.vllm_tp_job, 2, name, timeout=600, env=ENV)
+    assert [o["leader"] for o in outs] == [True, False]
+    a, b = outs
+    for key in ("greedy", "sampled", "after_greedy", "version", "sync_bytes"):
+        assert a[key] == b[key]  # every rank of the TP group gets the leader's results
+    assert a["greedy"] == a["ref_greedy"] and a["lp_diff"] <= TOL
+    assert a["sampled_lp_diff"] <= TOL
+    assert a["before_sync_diff"] > 1e-2
+    assert a["after_greedy"] == a["after_ref_greedy"] and a["after_lp_diff"] <= TOL
+    assert a["version"] == 1

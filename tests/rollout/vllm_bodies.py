@@ -172,3 +172,54 @@ def vllm_job(rank, world_size, name):
         backend.close()
         out["dir_removed"] = not d.exists()
     return out
+
+
+def vllm_tp_job(rank, world_size, name):
+    """The trainer at TP = ``world_size``: one engine on TP rank 0 fed by the collective export; every
+    rank gets the same results, equal to the (TP-sharded) trainer's forward, before and after a sync
+    of perturbed weights, and after the colocation wake-up order (weights, sync, KV cache)."""
+    from megatron_kimi.platform import cpu_emulation
+
+    cpu_emulation.activate()
+    from megatron_kimi.config import load_config
+    from megatron_kimi.rollout import GenerationRequest, SamplingParams
+    from megatron_kimi.rollout.vllm_backend import VllmBackend
+    from megatron_kimi.training.runtime import initialize
+    from tests.parallel.harness import BASE
+
+    overrides = MODELS[name] + [f"parallel.tensor={world_size}"]
+    initialize(load_config(None, BASE + bodies.MODEL + overrides))
+    cfg, chunks = bodies.build_model(overrides, bias_noise=name == "qwen2")
+    P = bodies.prompts()
+    greedy = [GenerationRequest(i, p, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW)) for i, p in enumerate(P)]
+    backend = VllmBackend(chunks, cfg.model, max_seq_len=MAX_SEQ, max_batch_size=4, seed=0, sync_bucket_mb=0.05)
+    out = {"leader": backend.llm is not None}
+    try:
+        res = backend.generate(greedy)
+        out["greedy"] = [r.output_ids for r in res]
+        out["ref_greedy"] = bodies.reference_greedy(chunks, P, [MAX_NEW] * len(P))
+        out["lp_diff"] = _max_diff([r.logprobs for r in res], bodies.reference_logprobs(chunks, P, out["greedy"]))
+        sampled = backend.generate([GenerationRequest(i, p, SamplingParams(max_new_tokens=MAX_NEW, seed=10 + i))
+                                    for i, p in enumerate(P)])
+        out["sampled"] = [r.output_ids for r in sampled]
+        out["sampled_lp_diff"] = _max_diff([r.logprobs for r in sampled],
+                                           bodies.reference_logprobs(chunks, P, out["sampled"]))
+        # The same draws on every rank: replicated tensors (norms) must stay equal across the TP group.
+        # (The shards themselves already differ: the first export above assembled them.)
+        _perturb(chunks, seed=1)
+        out["before_sync_diff"] = _max_diff(backend.score(P, out["greedy"]),
+                                            bodies.reference_logprobs(chunks, P, out["greedy"]))
+        backend.release()
+        backend.resume(["weights"])
+        backend.update_weights(chunks)
+        backend.resume(["kv_cache"])
+        after = backend.generate(greedy)
+        out["after_greedy"] = [r.output_ids for r in after]
+        out["after_ref_greedy"] = bodies.reference_greedy(chunks, P, [MAX_NEW] * len(P))
+        out["after_lp_diff"] = _max_diff([r.logprobs for r in after],
+                                         bodies.reference_logprobs(chunks, P, out["after_greedy"]))
+        out["version"] = backend.weight_version
+        out["sync_bytes"] = backend.last_sync_bytes
+    finally:
+        backend.close()
+    return out
