@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv demo test test-fast clean gpu-check venv-vllm test-vllm
+.PHONY: venv demo test test-fast clean gpu-check venv-vllm test-vllm demo-vllm
 
 venv: $(STAMP)
 
@@ -22,7 +22,7 @@ demo: venv
 	PY=$(abspath $(PY)) bash slurm/rl.sh
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
@@ -55,6 +55,10 @@ $(VSTAMP): setup.py
 
 test-vllm: venv-vllm
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VPY) -m pytest -q -m vllm tests
+
+# The RL demo in its RoPE variant with vLLM as the rollout engine (DEMO_SEED=N as for `make demo`).
+demo-vllm: venv-vllm
+	PY=$(abspath $(VPY)) bash slurm/rl_vllm.sh
 
 # GPU machine: the suite with CUDA visible + every benchmark at GPU sizes, one table (tools/gpu_check.py).
 # Runs with the Python that has the CUDA torch (GPU_PY), not .venv (the CPU wheel); on CPU it says so, exit 0.

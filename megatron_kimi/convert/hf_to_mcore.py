@@ -21,7 +21,6 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import shutil
-import socket
 import struct
 import time
 import traceback
@@ -31,6 +30,7 @@ from typing import Dict, Optional, Tuple
 
 from megatron_kimi.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
 from megatron_kimi.convert import hf
+from megatron_kimi.platform.launch import free_port
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -240,12 +240,6 @@ def _worker(plan: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _child(rank: int, fn, args, results) -> None:
     try:
         import torch
@@ -264,7 +258,7 @@ def launch_local(fn, world_size: int, *args, timeout: Optional[float] = None) ->
     """Run ``fn(*args)`` on ``world_size`` spawned CPU ranks (torchrun-style env, CUDA hidden)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = []
     env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "CUDA_VISIBLE_DEVICES")

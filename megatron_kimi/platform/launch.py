@@ -62,7 +62,8 @@ def _first_set(e: Mapping[str, str], *names: str) -> str | None:
     return next((n for n in names if e.get(n) is not None), None)
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (another process may still take it before it is bound)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -174,7 +175,7 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         env = DistEnv(rank, world, local_rank, local_world, addr, port, "srun")
         return _checked(env, "SLURM_PROCID", "SLURM_LOCALID")
 
-    return DistEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+    return DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single")
 
 
 def init_process_group(env: DistEnv, timeout_s: float = 600.0) -> str:

@@ -55,17 +55,12 @@ server this backend started, on CUDA. On CPU (sleep mode is CUDA-only) and for a
 
 from __future__ import annotations
 
-import atexit
 import http.client
 import json
 import logging
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -82,8 +77,11 @@ import torch
 from megatron_kimi.config import ModelConfig
 from megatron_kimi.rollout.backend import DROPPED, TAGS, WEIGHTS, check_tags
 from megatron_kimi.rollout.engine import GenerationRequest, GenerationResult, check_requests, draw_seeds
+from megatron_kimi.rollout.server_process import ServerProcess, free_port, server_argv, server_env
 from megatron_kimi.rollout.vllm_backend import (
     _DTYPES,
+    engine_result,
+    eos_id_list,
     broadcast_from_tp_leader,
     hf_export_config,
     is_tp_leader,
@@ -94,17 +92,13 @@ from megatron_kimi.rollout.vllm_backend import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VllmServerBackend", "ServerClient", "ServerRollout", "ServerProcess", "RequestFailed",
-           "launch_server", "connect", "server_argv"]
+__all__ = ["VllmServerBackend", "ServerClient", "ServerRollout", "RequestFailed",
+           "launch_server", "connect"]
 
 _RETRYABLE_STATUS = (408, 429)  # and every 5xx
 _MAX_BACKOFF_S = 10.0
 # Inherited variables that would make the server's own torch.distributed / launch logic think it is a
 # rank of the trainer's job.
-_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                 "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-
-
 class RequestFailed(Exception):
     """An HTTP exchange that failed (after ``attempts`` attempts); ``status``: the HTTP status if any."""
 
@@ -302,12 +296,7 @@ class ServerRollout:
         self.model_name = model_name
         self.max_seq_len = int(max_seq_len)
         self.vocab_size = int(vocab_size)
-        if eos_token_id is None:
-            self.eos_ids: List[int] = []
-        elif isinstance(eos_token_id, int):
-            self.eos_ids = [int(eos_token_id)]
-        else:
-            self.eos_ids = sorted({int(t) for t in eos_token_id})
+        self.eos_ids = eos_id_list(eos_token_id)
         self.max_workers = int(max_workers)
         self.slack_s = float(slack_s)
         self.pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="vllm-server-request")
@@ -357,25 +346,10 @@ class ServerRollout:
         try:
             (ids, lps, finish), failed = self.client.call("POST", "/v1/completions",
                                                           self.completion_body(r, seed, limit), parse=_parse_completion)
-            if r.params.repeat_detector_factory is not None and ids:  # as VllmBackend: cut at the detection
-                det = r.params.repeat_detector_factory()
-                for j, t in enumerate(ids):
-                    if det.update(t):
-                        if j + 1 < len(ids) or finish == "length":
-                            ids, lps, finish = ids[:j + 1], lps[:j + 1], "repeat"
-                        break
-            prompt = list(r.prompt_ids)
-            if r.params.is_raw_policy:
-                res = GenerationResult(r.request_id, prompt, ids, lps, finish, seed=seed)
-            elif r.params.greedy:
-                res = GenerationResult(r.request_id, prompt, ids, lps, finish, sampling_logprobs=[0.0] * len(ids),
-                                       seed=seed)
-            else:  # truncated sampling: the processed log-probs are the sampler's; the raw ones by rescoring
-                raw: List[float] = []
-                if ids:
-                    raw, f = self._rescore(prompt, ids)
-                    failed += f
-                res = GenerationResult(r.request_id, prompt, ids, raw, finish, sampling_logprobs=lps, seed=seed)
+            res = engine_result(r, ids, lps, finish, seed)
+            if res.sampling_logprobs and not r.params.greedy:  # truncated sampling: raw log-probs by rescoring
+                res.logprobs, f = self._rescore(res.prompt_ids, res.output_ids)
+                failed += f
             return res, failed, None
         except RequestFailed as e:
             return _dropped(r, seed), failed + e.attempts, str(e)
@@ -444,123 +418,6 @@ class ServerRollout:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-# ------------------------------------------------------------------------------- the server process
-
-def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTERM when the trainer dies
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 -- best effort
-        pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """A server subprocess in its own process group, its output in ``log_path``; :meth:`close` stops it
-    (SIGTERM, then after ``grace_s`` SIGKILL of the group). Also closed at interpreter exit."""
-
-    def __init__(self, argv: Sequence[str], log_path, env: Optional[Dict[str, str]] = None, grace_s: float = 30.0):
-        self.argv = list(argv)
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.grace_s = float(grace_s)
-        self._log = open(self.log_path, "ab")
-        self._log.write(f"$ {' '.join(self.argv)}\n".encode())
-        self._log.flush()
-        try:
-            self.proc: Optional[subprocess.Popen] = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        except BaseException:
-            self._log.close()
-            raise
-        atexit.register(self.close)
-
-    @property
-    def pid(self) -> Optional[int]:
-        return None if self.proc is None else self.proc.pid
-
-    def returncode(self) -> Optional[int]:
-        return None if self.proc is None else self.proc.poll()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def check_running(self, url: str = "") -> None:
-        """RuntimeError (with the log's tail) if the server has exited."""
-        code = self.returncode()
-        if self.proc is not None and code is not None:
-            raise RuntimeError(f"the vLLM server {url} exited with code {code} (its log: {self.log_path}); "
-                               f"the log ends with:\n{self.log_tail()}")
-
-    def close(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        atexit.unregister(self.close)
-        try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # vLLM's server shuts its engine process down on SIGTERM
-                try:
-                    proc.wait(self.grace_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("vLLM server (pid %d) still running %gs after SIGTERM: SIGKILL", proc.pid, self.grace_s)
-            try:  # the group: the server, if still there, and anything it left (its engine process)
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                log.warning("vLLM server (pid %d) did not exit after SIGKILL", proc.pid)
-        finally:
-            self._log.close()
-
-
-def server_argv(model_dir, port: int, *, max_model_len: int, max_batch_size: int, dtype: str = "float32",
-                seed: int = 0, host: str = "127.0.0.1", cuda: bool = False, gpu_memory_utilization: float = 0.5,
-                extra: Sequence[str] = ()) -> List[str]:
-    """The command that starts vLLM's OpenAI-compatible server with this interpreter, with the engine
-    settings of :class:`VllmBackend` (token ids in and out, processed log-probs, whole-prompt prefill, prefix
-    caching; sleep mode on CUDA). ``extra`` arguments come last (they override: e.g. ``--no-enforce-eager``)."""
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--host", host, "--port", str(int(port)), "--dtype", dtype, "--seed", str(int(seed)),
-            "--max-model-len", str(int(max_model_len)), "--max-num-seqs", str(int(max_batch_size)),
-            "--enforce-eager", "--skip-tokenizer-init", "--generation-config", "vllm",
-            "--logprobs-mode", "processed_logprobs",
-            # per-request seeds crash vLLM's CPU sampler on a partially prefilled request: whole prompts
-            "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(8192, int(max_model_len))),
-            "--enable-prefix-caching", "--disable-uvicorn-access-log"]
-    if cuda:
-        argv += ["--enable-sleep-mode", "--gpu-memory-utilization", str(float(gpu_memory_utilization))]
-    return argv + [str(a) for a in extra]
-
-
-def server_env(cuda: bool) -> Dict[str, str]:
-    """This process's environment, with the development endpoints on, without the trainer's launcher
-    variables, and on CUDA only this rank's GPU visible."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
-    env["VLLM_SERVER_DEV_MODE"] = "1"
-    # --max-model-len is max_seq_len + 1 (room for the rescoring request's one generated token), which may
-    # exceed the model's max_position_embeddings by one: that position is never computed (the token sampled
-    # there is not fed back), so the override is safe for the rotary models the export supports.
-    env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
-    if cuda:
-        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        index = torch.cuda.current_device()
-        env["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
-    return env
 
 
 def launch_server(argv: Sequence[str], url: str, log_path, *, start_timeout_s: float = 300.0,

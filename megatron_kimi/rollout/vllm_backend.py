@@ -194,6 +194,37 @@ def hf_export_config(model, model_cfg: ModelConfig, dtype: torch.dtype, what: st
     return hf_config, hf.arch_from_model_config(model_cfg, padded, padded)
 
 
+def eos_id_list(eos_token_id) -> List[int]:
+    """``eos_token_id`` (None, an id, or ids) as a sorted list."""
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, int):
+        return [int(eos_token_id)]
+    return sorted({int(t) for t in eos_token_id})
+
+
+def engine_result(r: GenerationRequest, ids: List[int], lps: List[float], finish: str,
+                  seed: int) -> GenerationResult:
+    """A vLLM engine's answer (``lps``: processed log-probs of the sampled ``ids``) as a
+    :class:`GenerationResult`, as both vLLM backends report it. A ``repeat_detector_factory`` cuts the
+    response at the token where it fires (finish reason "repeat"). Raw-policy and greedy requests: the
+    processed log-probs are the raw policy's; truncated sampling: they become ``sampling_logprobs`` and
+    ``logprobs`` stay empty until a teacher-forced rescoring fills them (the caller's)."""
+    if r.params.repeat_detector_factory is not None and ids:
+        det = r.params.repeat_detector_factory()
+        for j, t in enumerate(ids):
+            if det.update(t):
+                if j + 1 < len(ids) or finish == "length":
+                    ids, lps, finish = ids[:j + 1], lps[:j + 1], "repeat"
+                break
+    prompt = list(r.prompt_ids)
+    if r.params.is_raw_policy:
+        return GenerationResult(r.request_id, prompt, ids, lps, finish, seed=seed)
+    if r.params.greedy:
+        return GenerationResult(r.request_id, prompt, ids, lps, finish, sampling_logprobs=[0.0] * len(ids), seed=seed)
+    return GenerationResult(r.request_id, prompt, ids, [], finish, sampling_logprobs=lps, seed=seed)
+
+
 class VllmBackend:
     """A :class:`~megatron_kimi.rollout.backend.RolloutBackend` on a vLLM engine (see the module docstring).
 
@@ -226,12 +257,7 @@ class VllmBackend:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.dtype = _DTYPES[dtype]
         self.max_seq_len = int(max_seq_len)
-        if eos_token_id is None:
-            self.eos_ids: List[int] = []
-        elif isinstance(eos_token_id, int):
-            self.eos_ids = [int(eos_token_id)]
-        else:
-            self.eos_ids = sorted({int(t) for t in eos_token_id})
+        self.eos_ids = eos_id_list(eos_token_id)
         self.sync_bucket_bytes = int(float(sync_bucket_mb) * 2**20)
         if self.sync_bucket_bytes <= 0:
             raise ValueError(f"sync_bucket_mb must be > 0, got {sync_bucket_mb}")
@@ -357,25 +383,9 @@ class VllmBackend:
                 c = o.outputs[0]
                 ids = [int(t) for t in c.token_ids]
                 lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
-                finish = {"stop": "stop", "length": "length"}.get(c.finish_reason, c.finish_reason)
-                if r.params.repeat_detector_factory is not None and ids:
-                    det = r.params.repeat_detector_factory()
-                    for j, t in enumerate(ids):
-                        if det.update(t):
-                            if j + 1 < len(ids) or finish == "length":
-                                ids, lps, finish = ids[:j + 1], lps[:j + 1], "repeat"
-                            break
-                if r.params.is_raw_policy:
-                    res = GenerationResult(r.request_id, list(r.prompt_ids), ids, lps, finish, seed=seeds[i])
-                elif r.params.greedy:
-                    res = GenerationResult(r.request_id, list(r.prompt_ids), ids, lps, finish,
-                                           sampling_logprobs=[0.0] * len(ids), seed=seeds[i])
-                else:
-                    res = GenerationResult(r.request_id, list(r.prompt_ids), ids, [], finish,
-                                           sampling_logprobs=lps, seed=seeds[i])
-                    if ids:
-                        rescore.append(i)
-                results[i] = res
+                res = results[i] = engine_result(r, ids, lps, c.finish_reason, seeds[i])
+                if res.sampling_logprobs and not r.params.greedy:  # truncated sampling: raw ones by rescoring
+                    rescore.append(i)
             if rescore:
                 for i, lps in zip(rescore, self._score([list(requests[i].prompt_ids) for i in rescore],
                                                       [results[i].output_ids for i in rescore])):

@@ -17,14 +17,8 @@ import pytest
 from megatron_kimi.rollout.backend import DROPPED
 from megatron_kimi.rollout.engine import GenerationRequest, GenerationResult
 from megatron_kimi.rollout.sampling import SamplingParams
-from megatron_kimi.rollout.server_backend import (
-    ServerClient,
-    ServerRollout,
-    connect,
-    free_port,
-    launch_server,
-    server_argv,
-)
+from megatron_kimi.rollout.server_backend import ServerClient, ServerRollout, connect, launch_server
+from megatron_kimi.rollout.server_process import free_port, server_argv
 from tests.dist import run_distributed
 from tests.rollout import bodies
 from tests.rollout.fake_vllm_server import VOCAB, FakeVllmServer, expected, processed_logprob, raw_logprob
