@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
-from megatron_kimi.config import ConfigError, RLConfig, SFTConfig, TrainConfig, load_config
+from megatron_kimi.config import ConfigError, DPOConfig, RLConfig, SFTConfig, TrainConfig, load_config
 
 # command -> (config schema, "module:function" that runs it)
 COMMANDS: Dict[str, Tuple[type, str, str]] = {
@@ -19,6 +19,8 @@ COMMANDS: Dict[str, Tuple[type, str, str]] = {
     "rl": (RLConfig, "megatron_kimi.commands.rl:run", "online mirror-descent RL with verifiable rewards"),
     "difficulty": (RLConfig, "megatron_kimi.commands.difficulty:run",
                    "each RL prompt's difficulty (1 - pass rate of a checkpoint) into a jsonl"),
+    "dpo": (DPOConfig, "megatron_kimi.commands.dpo:run",
+            "DPO on preference pairs (long2short: shortest correct vs. wrong or overlong samples)"),
 }
 
 

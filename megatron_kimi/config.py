@@ -347,6 +347,65 @@ class RLConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+@dataclass(frozen=True)
+class DPOAlgoConfig:
+    """DPO (long2short, Kimi k1.5 §2.4); the loss and metrics as TRL defines them (megatron_kimi/dpo/loss.py)."""
+
+    beta: float = 0.1
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # ipo: log-probs averaged per response token, as TRL's IPO
+    label_smoothing: float = 0.0  # sigmoid only: cDPO's ε (0 = the DPO paper)
+    # data.pairs_from=samples: negatives are the wrong samples and the correct ones longer than
+    # length_ratio x the positive (the shortest correct sample); one pair per negative, at most
+    # max_pairs_per_prompt of them (0: all) in the file's order.
+    length_ratio: float = 1.5
+    max_pairs_per_prompt: int = 0
+
+
+@dataclass(frozen=True)
+class DPODataConfig:
+    # pairs_from=pairs: {"prompt", "chosen", "rejected"} per line; samples: `sample`'s output,
+    # {"prompt", "answer", "samples": [{"response", "correct", "tokens"}, ...]} per line (megatron_kimi/dpo/data.py).
+    pairs: str = ""
+    pairs_from: Literal["pairs", "samples"] = "pairs"
+    tokenizer: str = "builtin:char"  # a local HF tokenizer dir (its chat template, as SFT) or builtin:char
+    on_error: Literal["raise", "skip"] = "raise"  # bad jsonl lines: error (file:line: field) or skip and count
+    # A pair longer than training.seq_length (chosen + rejected): left out and counted, or an error naming its line.
+    overlong: Literal["drop", "error"] = "drop"
+    cache_dir: Optional[str] = None  # tokenized pairs and reference log-probs; default RUN_DIR/cache
+
+
+@dataclass(frozen=True)
+class DPOTrainingConfig:
+    seed: int = 1234
+    seq_length: int = 1024  # pack capacity; a pair (chosen + rejected) must fit in one pack
+    global_batch_size: int = 8  # packs per optimizer step (each holds whole pairs); the loss: mean over pairs
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop after this many steps (smoke runs)
+    max_consecutive_nan_steps: int = 5
+    # Per-token log-probs: "fused" = the vocab-parallel log-prob kernel on the final hidden state,
+    # "megatron" = logits + Megatron's cross-entropy.
+    lm_loss_impl: Literal["fused", "megatron"] = "fused"
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """``megatron-kimi dpo``: DPO from ``checkpoint.load`` (also the frozen reference) on preference pairs."""
+
+    run_dir: str = "runs/dpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # TRL's defaults: lr 1e-6, linear decay to 0, no warmup.
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6, min_lr=0.0,
+                                                                                decay_style="linear"))
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    training: DPOTrainingConfig = field(default_factory=DPOTrainingConfig)
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    dpo: DPOAlgoConfig = field(default_factory=DPOAlgoConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -601,6 +660,8 @@ def validate(cfg: Any) -> None:
                    f"parallel.tensor={cfg.parallel.tensor} with sequence parallel / parallel.context="
                    f"{cfg.parallel.context})")
         _check(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
+    elif isinstance(cfg, DPOConfig):
+        validate_dpo(cfg)
     elif isinstance(cfg, RLConfig):
         validate_parallel(cfg.parallel)
         validate_model(cfg.model, cfg.parallel)
@@ -637,6 +698,30 @@ def validate(cfg: Any) -> None:
                f"{cfg.model.max_position_embeddings}")
 
 
+def validate_dpo(cfg: "DPOConfig") -> None:
+    validate_parallel(cfg.parallel)
+    validate_model(cfg.model, cfg.parallel)
+    _validate_optimizer(cfg)
+    d, t = cfg.dpo, cfg.training
+    _check(d.beta > 0, f"dpo.beta must be > 0, got {d.beta}")
+    _check(0.0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+    _check(d.loss == "sigmoid" or d.label_smoothing == 0.0,
+           f"dpo.label_smoothing={d.label_smoothing} applies to dpo.loss=sigmoid only (dpo.loss={d.loss})")
+    _check(d.length_ratio >= 1.0, f"dpo.length_ratio must be >= 1, got {d.length_ratio}")
+    _check(d.max_pairs_per_prompt >= 0, f"dpo.max_pairs_per_prompt must be >= 0 (0: all), got {d.max_pairs_per_prompt}")
+    _check(bool(cfg.data.pairs), "data.pairs: set the pairs jsonl (or, with data.pairs_from=samples, the samples jsonl)")
+    _check(t.epochs >= 1, f"training.epochs must be >= 1, got {t.epochs}")
+    _check(t.global_batch_size >= 1, f"training.global_batch_size must be >= 1 pack, got {t.global_batch_size}")
+    _check(t.max_steps is None or t.max_steps >= 0, f"training.max_steps must be >= 0, got {t.max_steps}")
+    _check(t.seq_length <= cfg.model.max_position_embeddings,
+           f"training.seq_length={t.seq_length} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
+    multiple = _seq_multiple(cfg.parallel)
+    _check(t.seq_length % multiple == 0,
+           f"training.seq_length={t.seq_length} is not a multiple of {multiple} (needed by parallel.tensor="
+           f"{cfg.parallel.tensor} with sequence parallel)")
+    _check(cfg.parallel.context == 1, "dpo: parallel.context must be 1 (the pair loss needs each sequence whole on a rank)")
+
+
 def _seq_multiple(p: ParallelConfig) -> int:
     m = p.tensor if p.sequence_parallel else 1
     if p.context > 1:
@@ -659,6 +744,8 @@ def batch_checks(cfg) -> list:
     """(name, global batch, micro-batch name, micro batch) for every batch size in the config."""
     if isinstance(cfg, RLConfig):
         return [("rl.prompts_per_iteration", cfg.rl.prompts_per_iteration, "prompts per rank", 1)]
+    if isinstance(cfg, DPOConfig):
+        return [("training.global_batch_size (packs)", cfg.training.global_batch_size, "micro-batch (packs)", 1)]
     if isinstance(cfg, SFTConfig):
         return [(f"stages[{i}] ({st.name}) global batch (packs)", st.packs_per_step(), "micro-batch (packs)", 1)
                 for i, st in enumerate(cfg.stages)]

@@ -15,6 +15,7 @@ from typing import Dict, Iterator
 import torch
 from megatron.core import parallel_state
 
+from megatron_kimi.dpo.loss import REPORT_FIELDS as DPO_REPORT_FIELDS
 from megatron_kimi.parallel.context import split_batch_for_cp
 
 
@@ -54,7 +55,8 @@ def lm_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
 
 # What the report tensor of each loss key holds, in order (one tensor: one all-reduce per step).
 # ``loss_count`` is what the loss is averaged over: loss tokens (LM) or samples (RL).
-REPORT_FIELDS = {"lm_loss": ("loss_sum", "loss_count"), "rl": ("loss_sum", "loss_count", "log_ratio_sum")}
+REPORT_FIELDS = {"lm_loss": ("loss_sum", "loss_count"), "rl": ("loss_sum", "loss_count", "log_ratio_sum"),
+                 "dpo": DPO_REPORT_FIELDS}  # loss_count: pairs (megatron_kimi/dpo/loss.py)
 
 
 def report_width(key: str) -> int:

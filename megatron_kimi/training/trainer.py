@@ -228,9 +228,11 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self, source: BatchSource, writer: MetricsWriter, total_steps: int, checkpointer: Checkpointer,
-            tokens_per_sample: int = 0, extra_record: Optional[dict] = None) -> List[dict]:
+            tokens_per_sample: int = 0, extra_record: Optional[dict] = None,
+            report_metrics: Optional[Callable[[Dict[str, object], Dict[str, float]], None]] = None) -> List[dict]:
         """Train until ``total_steps`` or a preemption stop (``checkpointer.stopped``); returns this
-        call's per-step records."""
+        call's per-step records. ``report_metrics(metrics, report)``: turns a loss's step report into
+        its named metrics (in place, before the record is written; e.g. DPO's ``rewards/*``)."""
         s = self.state
         history = []
         while s.step < total_steps:
@@ -238,7 +240,9 @@ class Trainer:
             step_tokens = source.global_batch_size * tokens_per_sample
             metrics = self.step(source.microbatches(s.consumed_samples), source.global_batch_size, step_tokens)
             dt = time.perf_counter() - t0
-            metrics.pop("report")
+            report = metrics.pop("report")
+            if report_metrics is not None:
+                report_metrics(metrics, report)
             record = {"step": s.step, **(extra_record or {}), **metrics, "tokens": step_tokens, "tokens_per_s": step_tokens / dt,
                       "step_time_s": dt, "consumed_samples": s.consumed_samples, "peak_memory_mb": peak_memory_mb()}
             writer.log(record, s.step)
