@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -19,9 +20,24 @@ COMMANDS: Dict[str, Tuple[type, str, str]] = {
     "rl": (RLConfig, "megatron_kimi.commands.rl:run", "online mirror-descent RL with verifiable rewards"),
     "difficulty": (RLConfig, "megatron_kimi.commands.difficulty:run",
                    "each RL prompt's difficulty (1 - pass rate of a checkpoint) into a jsonl"),
+    "sample": (RLConfig, "megatron_kimi.commands.sample:run",
+               "shortest rejection sampling: n samples per prompt, the shortest correct -> SFT jsonl"),
+    "eval": (RLConfig, "megatron_kimi.commands.eval:run",
+             "held-out accuracy and response length per checkpoint (extra args: checkpoint paths), PNG"),
     "dpo": (DPOConfig, "megatron_kimi.commands.dpo:run",
             "DPO on preference pairs (long2short: shortest correct vs. wrong or overlong samples)"),
 }
+
+
+def eval_overrides(overrides: Sequence[str]) -> list:
+    """``megatron-kimi eval``: its arguments without ``=`` are checkpoint paths -> ``eval.checkpoints``."""
+    paths = [o for o in overrides if "=" not in o]
+    rest = [o for o in overrides if "=" in o]
+    if not paths:
+        return rest
+    if any(o.split("=", 1)[0] == "eval.checkpoints" for o in rest):
+        raise ConfigError("checkpoints given both as paths and as eval.checkpoints=...; use one of them")
+    return rest + ["eval.checkpoints=" + json.dumps(paths)]
 
 
 def _resolve(target: str) -> Callable:
@@ -35,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML config file")
-        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides (run_dir=PATH, ...)")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides (run_dir=PATH, ...)"
+                       + ("; and checkpoint paths to evaluate" if name == "eval" else ""))
     pf = sub.add_parser("preflight", help="check a launch (config, layout vs world, GPUs); prints the run dir")
     pf.add_argument("target", choices=sorted(COMMANDS), help="the command that will run")
     pf.add_argument("config", help="YAML config file")
@@ -74,7 +91,8 @@ def _preflight(args) -> int:
 
             visible = torch.cuda.device_count()
         shape = LaunchShape(args.world, args.tasks_per_node or args.world, gpus, visible)
-        print(check_launch(COMMANDS[args.target][0], args.config, args.overrides, shape))
+        overrides = eval_overrides(args.overrides) if args.target == "eval" else args.overrides
+        print(check_launch(COMMANDS[args.target][0], args.config, overrides, shape))
     except ConfigError as e:
         print(f"megatron-kimi {args.target}: launch error: {e}", file=sys.stderr)
         return 2
@@ -91,7 +109,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _preflight(args)
     schema, target, _ = COMMANDS[args.command]
     try:
-        cfg = load_config(args.config, args.overrides, schema)
+        overrides = eval_overrides(args.overrides) if args.command == "eval" else args.overrides
+        cfg = load_config(args.config, overrides, schema)
     except ConfigError as e:
         print(f"megatron-kimi {args.command}: config error: {e}", file=sys.stderr)
         return 2

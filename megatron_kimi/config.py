@@ -329,6 +329,31 @@ class DifficultyConfig:
 
 
 @dataclass(frozen=True)
+class SampleConfig:
+    """``megatron-kimi sample``: shortest rejection sampling (long2short, Kimi k1.5 §2.4)."""
+
+    n: int = 8  # samples per prompt
+    temperature: float = 1.0
+    output: Optional[str] = None  # None: RUN_DIR/shortest.jsonl (SFT chat jsonl: the shortest correct)
+    samples_output: Optional[str] = None  # None: RUN_DIR/samples.jsonl (every sample; dpo pairs_from=samples)
+    batch_prompts: int = 64  # prompts generated and scored together
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``megatron-kimi eval``: held-out accuracy and response length of one or more checkpoints."""
+
+    # Evaluated after checkpoint.load (if set), in order; neither: the run's own latest. The CLI turns extra
+    # positional arguments (without "=") into this list.
+    checkpoints: List[str] = field(default_factory=list)
+    temperature: float = 0.0  # 0: greedy
+    samples: int = 1  # per held-out prompt
+    output_dir: Optional[str] = None  # None: RUN_DIR (eval.json, eval.csv, eval_samples.jsonl)
+    plot: Optional[str] = None  # None: OUTPUT_DIR/eval_accuracy_vs_length.png
+    batch_prompts: int = 64
+
+
+@dataclass(frozen=True)
 class RLConfig:
     """``megatron-kimi rl``: online mirror-descent RL with verifiable rewards."""
 
@@ -343,6 +368,8 @@ class RLConfig:
     rl: RLAlgoConfig = field(default_factory=RLAlgoConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)  # `megatron-kimi difficulty`
+    sample: SampleConfig = field(default_factory=SampleConfig)  # `megatron-kimi sample`
+    eval: EvalConfig = field(default_factory=EvalConfig)  # `megatron-kimi eval`
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -17,7 +17,6 @@ generated and scored at a time; rank 0 writes the file (atomically) and prints a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import List, Tuple
@@ -33,8 +32,7 @@ def output_path(cfg: RLConfig) -> Path:
 
 def check(cfg: RLConfig) -> Tuple[Path, Path]:
     """Fail fast, before any process group or model: returns (the checkpoint, the output path)."""
-    from megatron_kimi.rl.data import BUILTIN
-    from megatron_kimi.training.checkpoint import start_point
+    from megatron_kimi.commands.checkpoint_samples import check_not_input, start_checkpoint
 
     d = cfg.difficulty
     if d.samples < 1:
@@ -44,22 +42,11 @@ def check(cfg: RLConfig) -> Tuple[Path, Path]:
     if d.batch_prompts < 1:
         raise ConfigError(f"difficulty.batch_prompts must be >= 1, got {d.batch_prompts}")
     out = output_path(cfg)
-    if cfg.data.prompts != BUILTIN:
-        src = Path(cfg.data.prompts)
-        if not src.is_file():
-            raise ValueError(f"data.prompts: prompts file {src} does not exist")
-        if out.resolve() == src.resolve() or (out.exists() and out.samefile(src)):
-            raise ValueError(f"difficulty.output={str(out)!r} is data.prompts: the input is never overwritten; "
-                             "choose another difficulty.output")
-    start, _ = start_point(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.load)
-    if start is None:
-        raise ValueError(f"no checkpoint to measure (nothing in {Path(cfg.run_dir) / 'checkpoints'} and "
-                         "no checkpoint.load); set checkpoint.load=CKPT, e.g. the SFT checkpoint "
-                         "(the pass rates of a random init say nothing)")
-    return start, out
+    check_not_input(cfg, out, "difficulty.output")
+    return start_checkpoint(cfg, "to measure"), out
 
 
-def read_records(cfg: RLConfig) -> Tuple[List[dict], list]:
+def read_records(cfg: RLConfig, label: str = "difficulty") -> Tuple[List[dict], list]:
     """(the original JSON objects, their Prompts), line for line. Bad lines: ``data.on_error``."""
     from megatron_kimi.data.jsonl import BadLines, read_jsonl
     from megatron_kimi.rl.data import BUILTIN, parse_prompt, arithmetic_prompts
@@ -71,7 +58,7 @@ def read_records(cfg: RLConfig) -> Tuple[List[dict], list]:
     pairs = [v for _, v in read_jsonl(cfg.data.prompts, lambda obj: (obj, parse_prompt(obj, cfg.data.reward)),
                                       cfg.data.on_error, bad)]
     if bad.count:
-        print(f"difficulty: {bad.summary()} (left out of the output)", flush=True)
+        print(f"{label}: {bad.summary()} (left out of the output)", flush=True)
     if not pairs:
         raise ValueError(f"{cfg.data.prompts}: no prompts")
     return [o for o, _ in pairs], [p for _, p in pairs]
@@ -90,52 +77,18 @@ def run(cfg: RLConfig) -> int:
     start, out = check(cfg)
     records, prompts = read_records(cfg)
 
-    import torch.distributed as dist
-
-    from megatron_kimi.commands.rl import stop_token_ids
-    from megatron_kimi.data.tokenizer import load_tokenizer
-    from megatron_kimi.model.sharding import unwrap
-    from megatron_kimi.rl.generation import SampleGenerator
-    from megatron_kimi.rl.loop import score, write_atomic
-    from megatron_kimi.rollout.engine import GenerationEngine
-    from megatron_kimi.training import checkpoint as ckpt
-    from megatron_kimi.training.runtime import build_training_bundle, initialize, shutdown
+    from megatron_kimi.commands.checkpoint_samples import checkpoint_sampler
+    from megatron_kimi.rl.loop import write_atomic
 
     d = cfg.difficulty
-    ctx = initialize(cfg)
-    try:
-        cache = Path(cfg.run_dir) / "cache"
-        if ctx.is_rank0:
-            load_tokenizer(cfg.data.tokenizer, cache)
-        dist.barrier()
-        tokenizer = load_tokenizer(cfg.data.tokenizer, cache)
-        # Built as `rl` builds it (same modules, layout and checkpoint keys); only the weights are loaded.
-        bundle = build_training_bundle(cfg, len(tokenizer), total_steps=1)
-        ckpt.load(start, bundle.model)
-        engine = GenerationEngine(unwrap(bundle.model[0]), max_batch_size=cfg.rollout.max_batch_size,
-                                  max_seq_len=cfg.training.seq_length, eos_token_id=tokenizer.eos_token_id)
-        rollout = dataclasses.replace(cfg.rollout, temperature=d.temperature)
-        generator = SampleGenerator(tokenizer, rollout, stop_token_ids(tokenizer))
-        if ctx.is_rank0:
+    with checkpoint_sampler(cfg, d.temperature, "difficulty") as sampler:
+        if sampler.is_rank0:
             print(f"difficulty: {len(prompts)} prompts x {d.samples} samples at temperature {d.temperature} "
                   f"with {start}", flush=True)
-        engine.resume()
-        engine.update_weights(bundle.model)
-        pass_rates: List[float] = []
-        for chunk, lo in enumerate(range(0, len(prompts), d.batch_prompts)):
-            part = prompts[lo: lo + d.batch_prompts]
-            # "iteration" = the chunk: every (prompt, sample) has its own request seed.
-            batch = generator.sample(engine, chunk, part, d.samples)
-            if ctx.is_rank0:
-                score(batch.samples, cfg.data.reward, cfg.rl.reward_timeout_s)
-                correct = [0] * len(part)
-                for s in batch.samples:
-                    correct[s.prompt_index] += int(bool(s.correct))
-                pass_rates += [c / d.samples for c in correct]
-                if len(prompts) > d.batch_prompts:
-                    print(f"difficulty: {len(pass_rates)}/{len(prompts)} prompts", flush=True)
-        engine.close()
-        if ctx.is_rank0:
+        sampler.load(start)
+        groups = sampler.scored(prompts, d.samples, d.batch_prompts)
+        if sampler.is_rank0:
+            pass_rates = [sum(bool(s.correct) for s in g) / d.samples for g in groups]
             lines = []
             for obj, rate in zip(records, pass_rates):
                 row = dict(obj)
@@ -145,6 +98,4 @@ def run(cfg: RLConfig) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(out, "".join(lines))
             print(summary_line(pass_rates, out, d.samples), flush=True)
-        return 0
-    finally:
-        shutdown()
+    return 0
