@@ -154,13 +154,14 @@ def save(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_latest(root, final.name)
+        write_latest(root, final.name)
         _prune(root, keep_last, final.name)
     dist.barrier()
     return final
 
 
-def _write_latest(root: Path, name: str) -> None:
+def write_latest(root: Path, name: str) -> None:
+    """``root/latest`` names ``name``, atomically and durably (file and directory fsynced)."""
     tmp = root / (LATEST + ".tmp")
     with open(tmp, "w") as f:
         f.write(name + "\n")

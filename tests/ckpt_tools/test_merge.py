@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from megatron_kimi.ckpt_tools import merge as merge_mod
+from megatron_kimi.ckpt_tools import merge_hf as merge_hf_mod
 from megatron_kimi.ckpt_tools.merge import MergeError, merge
 from tests.ckpt_tools.test_inspect_reshard import _global_tensors
 from tests.convert.test_hf_parity import _hf_logits, _randomize, _read_all
@@ -236,7 +237,7 @@ def _no_whole_file_loads(monkeypatch):
 
 def test_hf_merge_streams_one_tensor_at_a_time(hf, tmp_path, monkeypatch):
     _no_whole_file_loads(monkeypatch)
-    spy = _Spy(monkeypatch, merge_mod.HfInput)
+    spy = _Spy(monkeypatch, merge_hf_mod.HfInput)
     saved = []
     import safetensors.torch
 
