@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.checkpoints import global_tensors
+
 from megatron_kimi.ckpt_tools.inspect import inspect_checkpoint
 from megatron_kimi.ckpt_tools.reshard import reshard
 from megatron_kimi.training.ckpt_paths import CheckpointError
@@ -36,18 +38,6 @@ def _tool(name: str, *args: str):
 
 def _losses(run: Path) -> dict:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-
-def _global_tensors(ckpt: Path) -> dict:
-    """Every tensor of a torch_dist checkpoint at its global shape (single process, no process group)."""
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = FileSystemReader(str(ckpt)).read_metadata()
-    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
-          if isinstance(m, TensorStorageMetadata)}
-    load(sd, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
-    return sd
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +117,7 @@ def test_reshard_to_tp2_pp2_keeps_every_tensor_and_resumes(source, tmp_path):
     info = inspect_checkpoint(new)
     assert info.layout == {"tp": 2, "pp": 2, "cp": 1, "dp": 1} and info.step == 3
     assert info.config["parallel"]["tensor"] == 2 and info.train_state == inspect_checkpoint(src).train_state
-    a, b = _global_tensors(src), _global_tensors(new)
+    a, b = global_tensors(src), global_tensors(new)
     model_keys = {k for k in a if not k.startswith("optimizer.")}
     assert model_keys == {k for k in b if not k.startswith("optimizer.")}
     for k in model_keys:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.checkpoints import global_tensors
+
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["logging.tensorboard=false", "logging.progress_bar=false", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4",
           "training.epochs=1", "checkpoint.keep_last=0"]
@@ -45,18 +47,6 @@ def _metrics(run_dir) -> list:
 def _reference(run_dir) -> torch.Tensor:
     (path,) = (Path(run_dir) / "cache").glob("dpo_reference_*.pt")
     return torch.load(path, weights_only=True)["values"]
-
-
-def _global_tensors(ckpt: Path) -> dict:
-    """Every tensor of a torch_dist checkpoint (model and optimizer state) at its global shape."""
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = FileSystemReader(str(ckpt)).read_metadata()
-    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
-          if isinstance(m, TensorStorageMetadata)}
-    load(sd, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
-    return sd
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +102,7 @@ def test_parallel_layout_matches_one_process(straight, base, tmp_path, layout):
 def _assert_same_run(run, straight_run):
     assert _metrics(run) == _metrics(straight_run)  # every metric of every step, bit for bit
     name = f"iter_{STEPS:07d}"
-    a, b = _global_tensors(run / "checkpoints" / name), _global_tensors(straight_run / "checkpoints" / name)
+    a, b = global_tensors(run / "checkpoints" / name), global_tensors(straight_run / "checkpoints" / name)
     assert a.keys() == b.keys() and any("optimizer" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
