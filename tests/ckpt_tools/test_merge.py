@@ -25,7 +25,7 @@ import torch
 from megatron_kimi.ckpt_tools import merge as merge_mod
 from megatron_kimi.ckpt_tools import merge_hf as merge_hf_mod
 from megatron_kimi.ckpt_tools.merge import MergeError, merge
-from tests.ckpt_tools.test_inspect_reshard import _global_tensors
+from tests.checkpoints import global_tensors
 from tests.convert.test_hf_parity import _hf_logits, _randomize, _read_all
 from tests.dist import run_distributed
 
@@ -133,7 +133,7 @@ def mcore(hf, tmp_path_factory):
     for n, (tp, pp) in SAVED_AT.items():  # really saved at different layouts
         layout = torch.load(ckpts[n] / "iter_0000000" / "common.pt", weights_only=False)["layout"]
         assert (layout["tp"], layout["pp"]) == (tp, pp), (n, layout)
-    full = {n: _global_tensors(ckpts[n] / "iter_0000000") for n in ("a", "b")}
+    full = {n: global_tensors(ckpts[n] / "iter_0000000") for n in ("a", "b")}
     return SimpleNamespace(root=root, ckpts=ckpts, full=full)
 
 
@@ -273,7 +273,7 @@ def test_merge_is_the_weighted_average_at_any_layout(mcore, tmp_path, inputs, we
     final = merge([mcore.ckpts[n] for n in inputs], tmp_path / "m", list(weights), tp=tp, pp=pp)
     assert final == tmp_path / "m" / "iter_0000000"
     assert checkpoint.resolve(tmp_path / "m") == final  # `latest`
-    got = _global_tensors(final)
+    got = global_tensors(final)
     want_keys = sorted(k for k in mcore.full["a"] if not k.startswith("optimizer."))
     assert sorted(got) == want_keys
     for k in want_keys:
@@ -300,7 +300,7 @@ def test_merge_is_the_weighted_average_at_any_layout(mcore, tmp_path, inputs, we
 def test_merging_a_checkpoint_with_itself_is_bit_identical(mcore, tmp_path):
     a = mcore.ckpts["a"] / "iter_0000000"
     final = merge([a, a], tmp_path / "self", [0.5, 0.5])  # output layout: the first input's (TP2)
-    got, want = _global_tensors(final), mcore.full["a"]
+    got, want = global_tensors(final), mcore.full["a"]
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
@@ -313,7 +313,7 @@ def test_merging_a_checkpoint_with_itself_is_bit_identical(mcore, tmp_path):
     assert all(src.read_object(k) == dst.read_object(k) for k in src.objects)
     assert FileSystemReader(str(final)).read_metadata().state_dict_metadata.keys() >= set(src.objects)
     # --dtype: one rounding of the exact average
-    bf = _global_tensors(merge([a, a], tmp_path / "bf16", [0.5, 0.5], dtype="bf16", tp=1, pp=1))
+    bf = global_tensors(merge([a, a], tmp_path / "bf16", [0.5, 0.5], dtype="bf16", tp=1, pp=1))
     for k in want:
         assert bf[k].dtype == torch.bfloat16 and torch.equal(bf[k], want[k].bfloat16()), k
 
@@ -437,18 +437,18 @@ def test_weights_are_checked(mcore, hf, tmp_path, capsys):
     # unnormalized on request: task-vector style sums
     final = merge([a, b], tmp_path / "sum", [1.0, 1.0], allow_unnormalized=True)
     key = "decoder.layers.mlp.linear_fc1.weight"
-    _close(_global_tensors(final)[key], _average([mcore.full["a"][key], mcore.full["b"][key]], (1.0, 1.0)), key)
+    _close(global_tensors(final)[key], _average([mcore.full["a"][key], mcore.full["b"][key]], (1.0, 1.0)), key)
     # default weights: the mean; the command line's error path (exit 2, the message)
     assert merge_mod.main([str(a), str(b), "--out", str(tmp_path / "cli"), "--weights", "0.6", "0.6"]) == 2
     assert "sum to 1.2" in capsys.readouterr().err
     assert merge_mod.main([str(a), str(b), "--out", str(tmp_path / "cli")]) == 0
-    mean = _global_tensors(tmp_path / "cli" / "iter_0000000")[key]
+    mean = global_tensors(tmp_path / "cli" / "iter_0000000")[key]
     _close(mean, _average([mcore.full["a"][key], mcore.full["b"][key]], (0.5, 0.5)), key)
     # an existing output needs --force
     assert merge_mod.main([str(a), str(b), "--out", str(tmp_path / "cli")]) == 2
     assert "--force" in capsys.readouterr().err
     assert merge_mod.main([str(a), str(b), "--out", str(tmp_path / "cli"), "--force", "--weights", "1", "0"]) == 0
-    assert torch.equal(_global_tensors(tmp_path / "cli" / "iter_0000000")[key], mcore.full["a"][key])
+    assert torch.equal(global_tensors(tmp_path / "cli" / "iter_0000000")[key], mcore.full["a"][key])
 
 
 # --------------------------------------------------------------------------------------------
