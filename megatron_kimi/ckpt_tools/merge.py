@@ -88,6 +88,14 @@ def check_weights(weights: Optional[Sequence[float]], n: int, allow_unnormalized
     return weights
 
 
+def check_same_tensors(first, other) -> None:
+    """MergeError naming a tensor that one input (``.tensors``, ``.label``) has and the other lacks."""
+    for a, b in ((first, other), (other, first)):
+        for key in a.tensors:
+            if key not in b.tensors:
+                raise MergeError(f"different models: tensor {key!r} is in {a.label} but not in {b.label}")
+
+
 def _accumulate(inputs, weights: Sequence[float], read: Callable, out_dtype: torch.dtype) -> torch.Tensor:
     """``sum_i w_i * read(inputs[i])`` with one input tensor materialized at a time, cast once."""
     acc = None
@@ -339,12 +347,7 @@ def check_mcore_inputs(inputs: Sequence[McoreInput], out_dtype: Optional[torch.d
                     f"records {a} (the first input's)")
     dtypes: Dict[str, torch.dtype] = {}
     for other in inputs[1:]:
-        for key in first.tensors:
-            if key not in other.tensors:
-                raise MergeError(f"different models: tensor {key!r} is in {first.label} but not in {other.label}")
-        for key in other.tensors:
-            if key not in first.tensors:
-                raise MergeError(f"different models: tensor {key!r} is in {other.label} but not in {first.label}")
+        check_same_tensors(first, other)
         for key in first.tensors:
             if first.shape(key) != other.shape(key):
                 raise MergeError(f"different models: tensor {key!r} has shape {list(first.shape(key))} in "

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_kimi.ckpt_tools.merge import _DTYPE_NAMES, MergeError, _accumulate, _prepare_out
+from megatron_kimi.ckpt_tools.merge import _DTYPE_NAMES, MergeError, _accumulate, _prepare_out, check_same_tensors
 
 _ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
              "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -69,12 +69,7 @@ def check_hf_inputs(inputs: Sequence[HfInput], out_dtype: Optional[torch.dtype],
                 continue
             raise MergeError(f"different models: config.json field {field!r} is {a!r} in {first.label} but {b!r} "
                              f"in {other.label}")
-        for name in first.tensors:
-            if name not in other.tensors:
-                raise MergeError(f"different models: tensor {name!r} is in {first.label} but not in {other.label}")
-        for name in other.tensors:
-            if name not in first.tensors:
-                raise MergeError(f"different models: tensor {name!r} is in {other.label} but not in {first.label}")
+        check_same_tensors(first, other)
         for name, (_, shape, _) in first.tensors.items():
             if tuple(other.tensors[name][1]) != tuple(shape):
                 raise MergeError(f"different models: tensor {name!r} has shape {list(shape)} in {first.label} but "

@@ -14,6 +14,15 @@ from tests.rollout import bodies
 KW = dict(max_seq_len=64, max_batch_size=4, request_timeout_s=5.0, request_retries=1, backoff_s=0.05)
 
 
+
+def _sync_as_the_loop_does(backend, chunks):
+    """release, wake the weights, sync, wake the KV cache (rl/loop.py); -> (weight_version, sync timing)."""
+    backend.release()
+    backend.resume(["weights"])
+    backend.update_weights(chunks)
+    backend.resume(["kv_cache"])
+    return backend.weight_version, (backend.last_sync_s, backend.last_sync_bytes, backend.last_sync_gbps)
+
 def _shapes(directory) -> dict:
     from safetensors import safe_open
 
@@ -52,12 +61,7 @@ def fake_server_job(rank, world_size, tp, urls, weights_dirs):
         out["on_result"] = sorted(r.request_id for r in seen)
         out["dropped"] = backend.last_dropped
         # the loop's lifecycle: release, wake the weights, sync, wake the KV cache (no-ops but the state)
-        backend.release()
-        backend.resume(["weights"])
-        backend.update_weights(chunks)
-        backend.resume(["kv_cache"])
-        out["version"] = backend.weight_version
-        out["sync"] = (backend.last_sync_s, backend.last_sync_bytes, backend.last_sync_gbps)
+        out["version"], out["sync"] = _sync_as_the_loop_does(backend, chunks)
         out["file_shapes"] = _shapes(weights_dirs["ok"])
         out["hf_shapes"] = {k: list(v) for k, v in hf.hf_shapes(backend.arch).items()}
         out["config_json"] = (Path(weights_dirs["ok"]) / "config.json").is_file()
@@ -138,12 +142,7 @@ def real_server_job(rank, world_size, log_dir):
         vb._perturb(chunks, seed=1)
         ref_new = bodies.reference_logprobs(chunks, P, outs)
         out["before_sync_diff"] = vb._max_diff(backend.score(P, outs), ref_new)
-        backend.release()
-        backend.resume(["weights"])
-        backend.update_weights(chunks)
-        backend.resume(["kv_cache"])
-        out["version"] = backend.weight_version
-        out["sync"] = (backend.last_sync_s, backend.last_sync_bytes, backend.last_sync_gbps)
+        out["version"], out["sync"] = _sync_as_the_loop_does(backend, chunks)
         out["after_sync_diff"] = vb._max_diff(backend.score(P, outs), ref_new)
         after = backend.generate(reqs(lambda i: SamplingParams(temperature=0.0, max_new_tokens=vb.MAX_NEW)))
         out["after_greedy"] = [r.output_ids for r in after]
