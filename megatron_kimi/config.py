@@ -275,6 +275,11 @@ class RolloutConfig:
     sleep_level: int = 1
     gpu_memory_utilization: float = 0.5
     offload_optimizer: bool = True
+    # vllm, vllm_server: vLLM's enforce_eager. null: eager on CPU (torch.compile there measured no faster:
+    # 960 vs 966-1049 useful tok/s in tools/bench_rollout.py, and a 53 s instead of 15 s engine start),
+    # CUDA graphs on GPU (vLLM's default; the weight sync reloads weights in place, so captured graphs
+    # stay valid).
+    enforce_eager: Optional[bool] = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

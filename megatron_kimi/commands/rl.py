@@ -58,7 +58,8 @@ def build_rl_job(cfg: RLConfig, ctx: DistContext) -> loop.RLJob:
                              max_batch_size=cfg.rollout.max_batch_size, eos_token_id=tokenizer.eos_token_id,
                              seed=cfg.rollout.seed, sync_bucket_mb=cfg.rollout.sync_bucket_mb,
                              sleep_level=cfg.rollout.sleep_level,
-                             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+                             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                             enforce_eager=cfg.rollout.enforce_eager)
     elif cfg.rollout.engine == "vllm_server":
         from megatron_kimi.rollout.server_backend import VllmServerBackend
 
@@ -69,7 +70,7 @@ def build_rl_job(cfg: RLConfig, ctx: DistContext) -> loop.RLJob:
                                    weights_dir=ro.server_weights_dir or None, request_timeout_s=ro.request_timeout_s,
                                    request_retries=ro.request_retries, start_timeout_s=ro.server_start_timeout_s,
                                    log_dir=cfg.run_dir, sleep_level=ro.sleep_level,
-                                   gpu_memory_utilization=ro.gpu_memory_utilization)
+                                   gpu_memory_utilization=ro.gpu_memory_utilization, enforce_eager=ro.enforce_eager)
     else:
         engine = GenerationEngine(unwrap(trainer.model[0]), max_batch_size=cfg.rollout.max_batch_size,
                                   max_seq_len=cfg.training.seq_length, eos_token_id=tokenizer.eos_token_id)

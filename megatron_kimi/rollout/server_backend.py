@@ -80,6 +80,7 @@ from megatron_kimi.rollout.engine import GenerationRequest, GenerationResult, ch
 from megatron_kimi.rollout.server_process import ServerProcess, free_port, server_argv, server_env
 from megatron_kimi.rollout.vllm_backend import (
     _DTYPES,
+    eager_mode,
     engine_result,
     eos_id_list,
     broadcast_from_tp_leader,
@@ -489,6 +490,7 @@ class VllmServerBackend:
         log_dir: where a started server's log goes (default: the temp dir).
         server_args: more arguments for a started server (last: they override).
         sleep_level / gpu_memory_utilization: a started server's sleep mode and GPU share (CUDA).
+        enforce_eager: a started server's ``--enforce-eager``; None: eager on CPU, CUDA graphs on CUDA.
     """
 
     def __init__(self, model, model_cfg: ModelConfig, *, max_seq_len: int, max_batch_size: int = 64,
@@ -496,7 +498,7 @@ class VllmServerBackend:
                  url: str = "", weights_dir: Optional[str] = None, request_timeout_s: float = 120.0,
                  request_retries: int = 2, backoff_s: float = 0.5, start_timeout_s: float = 300.0,
                  log_dir: Optional[str] = None, server_args: Sequence[str] = (), sleep_level: int = 1,
-                 gpu_memory_utilization: float = 0.5):
+                 gpu_memory_utilization: float = 0.5, enforce_eager: Optional[bool] = None):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if url and not weights_dir:
@@ -526,6 +528,7 @@ class VllmServerBackend:
         self.asleep: set = set()
         self.sleep_level = int(sleep_level)
         self.gpu_memory_utilization = float(gpu_memory_utilization)
+        self.enforce_eager = eager_mode(enforce_eager)
         self.sleeps = not self.external and torch.cuda.is_available()  # see the module docstring
         self._noted_sleep = False
         self.hf_config, self.arch = hf_export_config(model, model_cfg, self.dtype, "rollout.engine=vllm_server")
@@ -581,7 +584,7 @@ class VllmServerBackend:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             self.log_path = Path(log_dir or tempfile.gettempdir()) / f"vllm_server_rank{rank}.log"
             argv = server_argv(self.dir, port, max_model_len=self.max_seq_len + 1, max_batch_size=self.max_batch_size,
-                               dtype=self.dtype_name, seed=seed, cuda=cuda,
+                               dtype=self.dtype_name, seed=seed, cuda=cuda, enforce_eager=self.enforce_eager,
                                gpu_memory_utilization=self.gpu_memory_utilization, extra=server_args)
             self.url = f"http://127.0.0.1:{port}"
             self.process, self.client = launch_server(argv, self.url, self.log_path, start_timeout_s=start_timeout_s,

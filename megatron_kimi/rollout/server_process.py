@@ -102,18 +102,20 @@ class ServerProcess:
 
 def server_argv(model_dir, port: int, *, max_model_len: int, max_batch_size: int, dtype: str = "float32",
                 seed: int = 0, host: str = "127.0.0.1", cuda: bool = False, gpu_memory_utilization: float = 0.5,
-                extra: Sequence[str] = ()) -> List[str]:
+                enforce_eager: bool = True, extra: Sequence[str] = ()) -> List[str]:
     """The command that starts vLLM's OpenAI-compatible server with this interpreter, with the engine
     settings of :class:`VllmBackend` (token ids in and out, processed log-probs, whole-prompt prefill, prefix
     caching; sleep mode on CUDA). ``extra`` arguments come last (they override: e.g. ``--no-enforce-eager``)."""
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--host", host, "--port", str(int(port)), "--dtype", dtype, "--seed", str(int(seed)),
             "--max-model-len", str(int(max_model_len)), "--max-num-seqs", str(int(max_batch_size)),
-            "--enforce-eager", "--skip-tokenizer-init", "--generation-config", "vllm",
+            "--skip-tokenizer-init", "--generation-config", "vllm",
             "--logprobs-mode", "processed_logprobs",
             # per-request seeds crash vLLM's CPU sampler on a partially prefilled request: whole prompts
             "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(8192, int(max_model_len))),
             "--enable-prefix-caching", "--disable-uvicorn-access-log"]
+    if enforce_eager:
+        argv.append("--enforce-eager")
     if cuda:
         argv += ["--enable-sleep-mode", "--gpu-memory-utilization", str(float(gpu_memory_utilization))]
     return argv + [str(a) for a in extra]

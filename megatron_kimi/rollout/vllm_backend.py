@@ -194,6 +194,11 @@ def hf_export_config(model, model_cfg: ModelConfig, dtype: torch.dtype, what: st
     return hf_config, hf.arch_from_model_config(model_cfg, padded, padded)
 
 
+def eager_mode(enforce_eager: Optional[bool]) -> bool:
+    """``rollout.enforce_eager``: as given, or (None) eager exactly when there is no CUDA."""
+    return (not torch.cuda.is_available()) if enforce_eager is None else bool(enforce_eager)
+
+
 def eos_id_list(eos_token_id) -> List[int]:
     """``eos_token_id`` (None, an id, or ids) as a sorted list."""
     if eos_token_id is None:
@@ -244,12 +249,13 @@ class VllmBackend:
             KV cache discarded; 2: both discarded -- the sync rewrites the weights anyway).
         gpu_memory_utilization: on CUDA, the share of the GPU vLLM may take (weights + KV cache); the
             trainer shares the GPU (colocation).
+        enforce_eager: vLLM's ``enforce_eager``; None: eager on CPU, CUDA graphs on CUDA.
     """
 
     def __init__(self, model, model_cfg: ModelConfig, *, max_seq_len: int, max_batch_size: int = 64,
                  eos_token_id=None, seed: int = 0, dtype: str = "float32", sync_bucket_mb: float = 512,
                  weights_dir: Optional[str] = None, engine_kwargs: Optional[dict] = None, sleep_level: int = 1,
-                 gpu_memory_utilization: float = 0.5):
+                 gpu_memory_utilization: float = 0.5, enforce_eager: Optional[bool] = None):
         if not vllm_available():
             raise ValueError("rollout.engine=vllm needs vllm importable: build its environment with "
                              "`make venv-vllm` and run with .venv-vllm/bin/python")
@@ -268,6 +274,7 @@ class VllmBackend:
         self.asleep: set = set()  # tags released and not resumed yet
         self.sleep_level = int(sleep_level)
         self.gpu_memory_utilization = float(gpu_memory_utilization)
+        self.enforce_eager = eager_mode(enforce_eager)
         if self.sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         self._warned_sleep = False
@@ -307,7 +314,7 @@ class VllmBackend:
         cuda = torch.cuda.is_available()
         kwargs = dict(
             model=str(self.dir), dtype=dtype, seed=seed, max_model_len=self.max_seq_len,
-            max_num_seqs=int(max_batch_size), enforce_eager=True, skip_tokenizer_init=True,
+            max_num_seqs=int(max_batch_size), enforce_eager=self.enforce_eager, skip_tokenizer_init=True,
             generation_config="vllm",  # no defaults (e.g. eos ids) from the model directory
             logprobs_mode="processed_logprobs",
             # A partially prefilled request with a per-request seed crashes vLLM's CPU sampler:

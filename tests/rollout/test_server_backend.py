@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_kimi.rollout.backend import DROPPED
 from megatron_kimi.rollout.engine import GenerationRequest, GenerationResult
@@ -255,6 +256,18 @@ def test_server_argv_has_the_engine_settings(tmp_path):
                  "--generation-config vllm", "--port 8000"):
         assert flag in s
     assert argv[-1] == "--no-enforce-eager" and "--enable-sleep-mode" not in argv
+    assert "--enforce-eager" in argv  # the default (CPU)
+    graphs = server_argv(tmp_path, 8000, max_model_len=65, max_batch_size=8, cuda=True, enforce_eager=False)
+    assert "--enforce-eager" not in graphs and "--enable-sleep-mode" in graphs
+
+
+def test_enforce_eager_auto_follows_cuda(monkeypatch):
+    from megatron_kimi.rollout.vllm_backend import eager_mode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eager_mode(None) is True and eager_mode(False) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eager_mode(None) is False and eager_mode(True) is True
 
 
 def test_config_checks():
