@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv demo test test-fast clean gpu-check venv-vllm test-vllm demo-vllm
+.PHONY: venv demo demo-recipe test test-fast clean gpu-check venv-vllm test-vllm demo-vllm
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: venv
 test: venv venv-vllm
 	$(PY) -m pytest -q --durations=25 tests
 	$(MAKE) --no-print-directory test-vllm
+
+# The whole Kimi k1.5 recipe on the demo's task: long-CoT warm-up, RL, each long2short method, eval
+# (slurm/recipe.sh; DEMO_SEED=N).
+demo-recipe: venv
+	PY=$(abspath $(PY)) bash slurm/recipe.sh
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests

@@ -194,6 +194,7 @@ class SFTDataConfig:
     builtin_operands: int = 0  # 0: long-tailed 2..6 operands; n: always n (the RL demo warms up on n=2)
     builtin_multi_turn: bool = True
     builtin_carry_slip: float = 0.0  # P(teacher drops the ones carry), see data/chat_synth.py
+    builtin_checks: int = 0  # verbose answers: up to this many redundant check lines (data/chat_synth.py)
 
 
 @dataclass(frozen=True)

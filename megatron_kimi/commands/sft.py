@@ -37,6 +37,7 @@ def _stage_data_path(cfg: SFTConfig, stage: SFTStageConfig, cache: Path) -> Path
         d = cfg.data
         tag = f"{'cot' if d.builtin_long_cot else 'plain'}_op{d.builtin_operands}_mt{int(d.builtin_multi_turn)}"
         tag += f"_slip{d.builtin_carry_slip:g}" if d.builtin_carry_slip else ""
+        tag += f"_checks{d.builtin_checks}" if d.builtin_checks else ""
         return cache / f"chat_arithmetic_{tag}_{d.builtin_num_samples}_{cfg.training.seed}.jsonl"
     return Path(stage.data)
 
@@ -55,7 +56,7 @@ def prepare_stage_caches(cfg: SFTConfig, is_rank0: bool):
                 generate_chat_arithmetic(path, cfg.data.builtin_num_samples, seed=cfg.training.seed,
                                          long_cot=cfg.data.builtin_long_cot, operands=cfg.data.builtin_operands,
                                          multi_turn=cfg.data.builtin_multi_turn,
-                                         carry_slip=cfg.data.builtin_carry_slip)
+                                         carry_slip=cfg.data.builtin_carry_slip, checks=cfg.data.builtin_checks)
         # forkserver: this process already runs torch.distributed threads, which fork() must not copy.
         return [build_or_load_cache(p, cfg.data.tokenizer, cache, num_workers=cfg.data.num_workers,
                                     on_error=cfg.data.on_error, mp_context="forkserver") for p in paths]

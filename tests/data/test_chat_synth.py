@@ -42,3 +42,23 @@ def test_no_slip_is_a_correct_teacher_and_bad_rates_are_rejected(tmp_path):
     assert all(ans == a + b for a, b, ans in rows)
     with pytest.raises(ValueError, match="carry_slip"):
         generate_chat_arithmetic(tmp_path / "e.jsonl", 10, seed=0, carry_slip=1.5)
+
+
+def test_checks_add_only_length_and_leave_the_plain_data_unchanged(tmp_path):
+    common = dict(seed=5, operands=2, multi_turn=False, carry_slip=0.6)
+    plain = list(_pairs(generate_chat_arithmetic(tmp_path / "p.jsonl", 3000, **common)))
+    assert plain == list(_pairs(generate_chat_arithmetic(tmp_path / "q.jsonl", 3000, checks=0, **common)))
+    counts = [0, 0, 0]
+    for line in generate_chat_arithmetic(tmp_path / "v.jsonl", 3000, checks=2, **common).read_text().splitlines():
+        msgs = json.loads(line)["messages"]
+        q = msgs[0]["content"]
+        a, b = q.rstrip("=").split("+")
+        first, *checks, last = msgs[1]["content"].split("\n")
+        s = first[len(q):]
+        assert first.startswith(q) and last == f"answer: {s}"  # a slipped sum is slipped in every line
+        assert checks == [f"check: {b}+{a}={s}"] * len(checks)
+        assert int(s) in (int(a) + int(b), int(a) + int(b) - 10)
+        counts[len(checks)] += 1
+    assert all(800 < c < 1200 for c in counts), counts  # 0, 1, 2 checks uniformly
+    with pytest.raises(ValueError, match="checks"):
+        generate_chat_arithmetic(tmp_path / "e.jsonl", 10, seed=0, long_cot=True, checks=1)
