@@ -23,9 +23,7 @@ class ConfigError(ValueError):
     """A user error in a config file or override (a ValueError, with the key and file named)."""
 
 
-# --------------------------------------------------------------------------------------------
-# The tree
-# --------------------------------------------------------------------------------------------
+# ---- The tree ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -276,10 +274,8 @@ class RolloutConfig:
     sleep_level: int = 1
     gpu_memory_utilization: float = 0.5
     offload_optimizer: bool = True
-    # vllm, vllm_server: vLLM's enforce_eager. null: eager on CPU (torch.compile there measured no faster:
-    # 960 vs 966-1049 useful tok/s in tools/bench_rollout.py, and a 53 s instead of 15 s engine start),
-    # CUDA graphs on GPU (vLLM's default; the weight sync reloads weights in place, so captured graphs
-    # stay valid).
+    # vllm, vllm_server: vLLM's enforce_eager; null: eager on CPU (compiling measured no faster there,
+    # tools/BENCHMARKS.md), CUDA graphs on GPU (the weight sync reloads in place: graphs stay valid).
     enforce_eager: Optional[bool] = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -439,9 +435,7 @@ class DPOConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
+# ---- Loading -------------------------------------------------------------------------------
 
 
 def parse_overrides(items: Sequence[str]) -> dict:
@@ -586,9 +580,7 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
+# ---- Validation ----------------------------------------------------------------------------
 
 
 def _check(cond: bool, msg: str) -> None:
