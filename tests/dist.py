@@ -1,6 +1,6 @@
 """Run a test body on N ranks, each a fresh process, with real ``torch.distributed`` groups.
 
-    def _body(rank, world_size, x):          # module level, so spawn can pickle it
+    def _body(rank, world_size, x):          # module level, so it can be pickled
         init_process_group(detect_env())     # gloo on CPU; reads RANK/WORLD_SIZE/MASTER_* set for it
         ...
         return something_picklable
@@ -15,8 +15,9 @@ from its start), plus RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADD
 MASTER_PORT (a free port) and the ``env`` extras, before the test module or any ``megatron_kimi``
 module is imported there (``fn`` and its args travel pickled and are unpickled after the environment is
 set); only what torch and megatron.core read at import time is the forkserver's (CUDA starts lazily,
-so CUDA_VISIBLE_DEVICES still applies). Each rank runs with ``torch.set_num_threads(1)``. A rank that raises sends its traceback back; once a rank has failed
-the others get a short grace period, then everything left is killed and ``RuntimeError`` lists every
+so CUDA_VISIBLE_DEVICES still applies). Each rank runs with ``torch.set_num_threads(1)``.
+
+A rank that raises sends its traceback back; once a rank has failed the others get a short grace period, then everything left is killed and ``RuntimeError`` lists every
 failed rank with its traceback. Past ``timeout`` the hung ranks get SIGUSR1 (their Python stacks go
 to stderr via faulthandler), are killed, and ``TimeoutError`` names them. Children are always
 terminated/killed and reaped (also on KeyboardInterrupt), and each child exits by itself if this
@@ -52,15 +53,14 @@ def free_port() -> int:
 
 # Imported once in the forkserver; nothing of the project (its modules read the environment at import).
 _PRELOAD = ["torch", "torch.distributed", "megatron.core"]
-_CTX = None
 
 
 def _context():
-    global _CTX  # one forkserver per test process, started at the first call
-    if _CTX is None:
-        _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(_PRELOAD)
-    return _CTX
+    # multiprocessing keeps one forkserver per process, started at the first Process.start(); the preload
+    # list only matters before that, so setting it on every call is harmless.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
 
 
 def _watch_parent(alive) -> None:
