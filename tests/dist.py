@@ -17,11 +17,12 @@ module is imported there (``fn`` and its args travel pickled and are unpickled a
 set); only what torch and megatron.core read at import time is the forkserver's (CUDA starts lazily,
 so CUDA_VISIBLE_DEVICES still applies). Each rank runs with ``torch.set_num_threads(1)``.
 
-A rank that raises sends its traceback back; once a rank has failed the others get a short grace period, then everything left is killed and ``RuntimeError`` lists every
-failed rank with its traceback. Past ``timeout`` the hung ranks get SIGUSR1 (their Python stacks go
-to stderr via faulthandler), are killed, and ``TimeoutError`` names them. Children are always
-terminated/killed and reaped (also on KeyboardInterrupt), and each child exits by itself if this
-process dies (it watches its parent pid), so neither zombies nor orphans are left behind.
+A rank that raises sends its traceback back; once a rank has failed the others get a short grace
+period, then everything left is killed and ``RuntimeError`` lists every failed rank with its traceback.
+Past ``timeout`` the hung ranks get SIGUSR1 (their Python stacks go to stderr via faulthandler), are
+killed, and ``TimeoutError`` names them. Children are always terminated/killed and reaped (also on
+KeyboardInterrupt), and each child exits by itself if this process dies (it watches a pipe only this
+process writes to), so neither zombies nor orphans are left behind.
 """
 
 from __future__ import annotations
