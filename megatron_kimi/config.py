@@ -18,6 +18,8 @@ from typing import Any, List, Literal, Optional, Sequence, Union
 
 import yaml
 
+from megatron_kimi.model.vision.config import VisionConfig
+
 
 class ConfigError(ValueError):
     """A user error in a config file or override (a ValueError, with the key and file named)."""
@@ -53,6 +55,7 @@ class ModelConfig:
     # Packed (THD) attention of the local spec: auto = torch varlen_attn on CUDA (fp16/bf16), else the
     # Triton kernel on CUDA, else SDPA (megatron_kimi/model/packed_attention.py). TE's spec has its own.
     attention_impl: Literal["auto", "torch", "triton", "ref"] = "auto"
+    vision: Optional[VisionConfig] = None  # a vision tower + projector: the model is a VLM (model/vision/)
 
 
 @dataclass(frozen=True)
@@ -544,7 +547,10 @@ def _build(cls: type, data: dict, where: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own checks (__post_init__): name the file too
+        raise ConfigError(str(e)) from None
 
 
 def build_config(schema: type, data: dict, source: str = "<config>") -> Any:
@@ -622,6 +628,8 @@ def validate_model(m: ModelConfig, p: ParallelConfig) -> None:
         + (f" x parallel.virtual_pipeline={p.virtual_pipeline}" if p.virtual_pipeline else ""),
     )
     _check(0.0 <= m.hidden_dropout < 1 and 0.0 <= m.attention_dropout < 1, "dropout must be in [0, 1)")
+    bad = m.vision.layout_error(p.tensor, p.context) if m.vision is not None else None
+    _check(bad is None, str(bad))
 
 
 def validate_parallel(p: ParallelConfig) -> None:
@@ -644,22 +652,13 @@ def validate(cfg: Any) -> None:
         _check(t.steps >= 0, f"training.steps must be >= 0, got {t.steps}")
         _check(t.micro_batch_size >= 1, "training.micro_batch_size must be >= 1")
         _check(t.seq_length >= 1, "training.seq_length must be >= 1")
-        _check(
-            t.global_batch_size % t.micro_batch_size == 0,
-            f"training.global_batch_size={t.global_batch_size} is not divisible by "
-            f"training.micro_batch_size={t.micro_batch_size}",
-        )
-        _check(
-            t.seq_length <= cfg.model.max_position_embeddings,
-            f"training.seq_length={t.seq_length} exceeds model.max_position_embeddings="
-            f"{cfg.model.max_position_embeddings}",
-        )
+        _check(t.global_batch_size % t.micro_batch_size == 0, f"training.global_batch_size={t.global_batch_size} "
+               f"is not divisible by training.micro_batch_size={t.micro_batch_size}")
+        _check(t.seq_length <= cfg.model.max_position_embeddings, f"training.seq_length={t.seq_length} exceeds "
+               f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
         if cfg.parallel.sequence_parallel:
-            _check(
-                t.seq_length % cfg.parallel.tensor == 0,
-                f"training.seq_length={t.seq_length} is not divisible by parallel.tensor="
-                f"{cfg.parallel.tensor} (needed by sequence parallelism)",
-            )
+            _check(t.seq_length % cfg.parallel.tensor == 0, f"training.seq_length={t.seq_length} is not divisible "
+                   f"by parallel.tensor={cfg.parallel.tensor} (needed by sequence parallelism)")
         _validate_optimizer(cfg)
     elif isinstance(cfg, SFTConfig):
         validate_parallel(cfg.parallel)

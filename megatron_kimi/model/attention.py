@@ -8,6 +8,9 @@ Plugs into Megatron's ``SelfAttention`` as ``core_attention``. Two input layouts
   attention). Under context parallelism (THD only) the rank's zig-zag chunks attend to their
   samples' all-gathered K/V prefixes (megatron_kimi/parallel/context.py).
 
+``AttnMaskType.no_mask`` (the vision tower: every patch of an image sees the whole image) makes the
+packed path non-causal, still one segment per image; it has no sbhd or CP path.
+
 GQA: K/V heads are repeated to the query heads. Under tensor parallelism the heads are local.
 """
 
@@ -40,8 +43,8 @@ def causal_attention_bhsd(q_BHSD, k_BHSD, v_BHSD, scale, dropout_p=0.0) -> torch
 
 
 def varlen_attention_thd_ref(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scale, dropout_p=0.0,
-                             mask_max_tokens: int = 4096):
-    """Packed causal attention: [t, h, d] -> [t, h, d]; no token attends across cu_seqlens bounds.
+                             mask_max_tokens: int = 4096, causal: bool = True):
+    """Packed attention: [t, h, d] -> [t, h, d]; no token attends across cu_seqlens bounds.
 
     Up to ``mask_max_tokens`` one SDPA call with a block-diagonal causal mask (fast for many short
     samples); beyond, one SDPA per sample (memory stays O(longest sample^2)).
@@ -53,8 +56,9 @@ def varlen_attention_thd_ref(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scal
         seg = torch.repeat_interleave(torch.arange(len(lengths), device=q_THD.device), lengths)
         if seg.numel() < T:  # tokens past the last bound form their own segment
             seg = torch.cat([seg, torch.full((T - seg.numel(),), len(lengths), device=q_THD.device)])
-        causal = torch.ones(T, T, dtype=torch.bool, device=q_THD.device).tril_()
-        mask = causal & (seg[:, None] == seg[None, :])
+        mask = seg[:, None] == seg[None, :]
+        if causal:
+            mask &= torch.ones(T, T, dtype=torch.bool, device=q_THD.device).tril_()
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q_THD, k_THD, v_THD))
         n_rep = q.shape[1] // k.shape[1]
         k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
@@ -67,7 +71,12 @@ def varlen_attention_thd_ref(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scal
         q = q_THD[start:end].transpose(0, 1).unsqueeze(0)
         k = k_THD[start:end].transpose(0, 1).unsqueeze(0)
         v = v_THD[start:end].transpose(0, 1).unsqueeze(0)
-        o = causal_attention_bhsd(q, k, v, scale, dropout_p)
+        if causal:
+            o = causal_attention_bhsd(q, k, v, scale, dropout_p)
+        else:
+            n_rep = q.shape[1] // k.shape[1]
+            o = F.scaled_dot_product_attention(q, _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1), scale=scale,
+                                               dropout_p=dropout_p)
         out[start:end] = o.squeeze(0).transpose(0, 1)
     return out
 
@@ -93,8 +102,9 @@ class SDPACoreAttention(MegatronModule):
         self.cp_size = config.context_parallel_size
         if self.cp_size > 1 and (config.attention_dropout if attention_dropout is None else attention_dropout) > 0:
             raise ValueError("context parallelism: attention dropout is not supported (set model.attention_dropout=0)")
-        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
-            raise ValueError(f"SDPACoreAttention supports causal masks only, got {attn_mask_type}")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal, AttnMaskType.no_mask):
+            raise ValueError(f"SDPACoreAttention supports causal and no_mask, got {attn_mask_type}")
+        self.causal = attn_mask_type != AttnMaskType.no_mask
         self.layer_number = layer_number
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         head_dim = config.kv_channels
@@ -117,7 +127,7 @@ class SDPACoreAttention(MegatronModule):
                 cu = packed_seq_params.cu_seqlens_q_padded
                 if cu is None:
                     cu = packed_seq_params.cu_seqlens_q
-                if self.cp_size > 1:  # this rank's zig-zag chunks vs. their samples' prefixes
+                if self.cp_size > 1 and self.causal:  # this rank's zig-zag chunks vs. their samples' prefixes
                     from megatron.core import parallel_state
 
                     from megatron_kimi.parallel.context import cp_attention_thd
@@ -129,10 +139,13 @@ class SDPACoreAttention(MegatronModule):
 
                 max_q = packed_seq_params.max_seqlen_q
                 out_THD = packed_attention(query, key, value, cu, scale=self.softmax_scale,
-                                           max_q=None if max_q is None else int(max_q), impl=self.impl, dropout_p=p)
+                                           max_q=None if max_q is None else int(max_q), impl=self.impl, dropout_p=p,
+                                           causal=self.causal)
                 return out_THD.reshape(out_THD.shape[0], -1)
             if self.cp_size > 1:
                 raise ValueError("context parallelism is implemented for packed (THD) batches only")
+            if not self.causal:
+                raise ValueError("non-causal attention (no_mask) is implemented for packed (THD) batches only")
             # sbhd -> bhsd
             q = query.permute(1, 2, 0, 3)
             k = key.permute(1, 2, 0, 3)

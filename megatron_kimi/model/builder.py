@@ -32,6 +32,7 @@ from megatron_kimi.model.flops import padded_vocab_size  # noqa: F401 (re-export
 from megatron_kimi.model.attention import SDPACoreAttention
 from megatron_kimi.model.gpt import KimiGPTModel
 from megatron_kimi.model.norm import RMSNorm
+from megatron_kimi.model.vision.vlm import KimiVLModel, apply_freezing  # noqa: F401 (apply_freezing re-exported)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -155,7 +156,10 @@ def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size
         stage = vp_stage if vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        chunk = KimiGPTModel(
+        # With model.vision: the VLM, whose first-stage chunk also holds the tower and projector.
+        cls, extra = ((KimiVLModel, {"vision": model.vision, "attention_impl": model.attention_impl})
+                      if model.vision is not None else (KimiGPTModel, {}))
+        chunk = cls(
             config=config,
             transformer_layer_spec=block_spec(config, te, stage, model.attention_impl),
             vocab_size=vocab_size,
@@ -169,6 +173,7 @@ def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size
             rotary_base=int(model.rotary_base) if float(model.rotary_base).is_integer() else model.rotary_base,
             vp_stage=stage,
             lm_head_impl=lm_head_impl,
+            **extra,
         )
         chunk.model_type = getattr(chunk, "model_type", None)
         chunks.append(chunk)

@@ -38,3 +38,24 @@ def rms_norm_ref(x_SBH: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
     x = x_SBH.float()
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.float()).to(x_SBH.dtype)
+
+
+class LayerNorm(torch.nn.Module):
+    """LayerNorm with bias (the vision tower's and projector's), placed like :class:`RMSNorm`.
+
+    Megatron's local LayerNorm is apex's when installed and ``WrappedTorchNorm`` otherwise; this one
+    is the same math on every machine (torch's ``layer_norm``), so HF parity does not depend on apex.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        self.eps = eps
+        on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization
+        device = torch.cuda.current_device() if on_gpu else "cpu"
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
+        for p in (self.weight, self.bias):
+            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

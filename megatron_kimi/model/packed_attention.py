@@ -1,4 +1,4 @@
-"""Packed (THD) causal attention: one dispatch for every caller.
+"""Packed (THD) attention, causal or not: one dispatch for every caller.
 
 Callers: the model's THD core attention (megatron_kimi/model/attention.py), context parallelism's
 prefix attention (megatron_kimi/parallel/context.py) and the rollout engine's prefill
@@ -25,6 +25,9 @@ key prefix) means causal masks aligned to the bottom-right (query i of a length-
 kernels' own bottom-right convention (covered by a GPU test).
 
 Dropout (``dropout_p > 0``) has only the reference implementation.
+
+``causal=False`` (the vision tower: each image a segment that sees itself whole) is taken by all
+three implementations: ``window_size=(-1, -1)`` for torch's, the kernel's own ``causal`` flag.
 """
 
 from __future__ import annotations
@@ -79,8 +82,9 @@ def resolve_impl(impl: str, q: torch.Tensor, same_kv_layout: bool, dropout_p: fl
 
 def packed_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, cu_q: torch.Tensor,
                      cu_k: Optional[torch.Tensor] = None, *, scale: float, max_q: Optional[int] = None,
-                     max_k: Optional[int] = None, impl: str = "auto", dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention of each packed sample to itself: q [T, Hq, D], k/v [Tk, Hkv, D] -> [T, Hq, D].
+                     max_k: Optional[int] = None, impl: str = "auto", dropout_p: float = 0.0,
+                     causal: bool = True) -> torch.Tensor:
+    """Attention of each packed sample to itself: q [T, Hq, D], k/v [Tk, Hkv, D] -> [T, Hq, D].
 
     ``cu_q``/``cu_k``: int32 cumulative lengths (``cu_k`` None: the same as ``cu_q``). ``max_q``/
     ``max_k``: the longest sample (the flash implementations need it; computing it here costs a host
@@ -93,14 +97,16 @@ def packed_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tens
         if same:
             from megatron_kimi.model.attention import varlen_attention_thd_ref
 
-            return varlen_attention_thd_ref(q_THD, k_THD, v_THD, cu_q, scale, dropout_p)
+            return varlen_attention_thd_ref(q_THD, k_THD, v_THD, cu_q, scale, dropout_p, causal=causal)
         from megatron_kimi.kernels.varlen_attention import varlen_attention
 
-        return varlen_attention(q_THD, k_THD, v_THD, cu_q, cu_k, softmax_scale=scale, backend="ref")[0]
+        return varlen_attention(q_THD, k_THD, v_THD, cu_q, cu_k, softmax_scale=scale, causal=causal,
+                                backend="ref")[0]
     if which == "triton":
         from megatron_kimi.kernels.varlen_attention import varlen_attention
 
-        return varlen_attention(q_THD, k_THD, v_THD, cu_q, cu_k, softmax_scale=scale, backend="triton")[0]
+        return varlen_attention(q_THD, k_THD, v_THD, cu_q, cu_k, softmax_scale=scale, causal=causal,
+                                backend="triton")[0]
     cu_q32 = cu_q.to(device=q_THD.device, dtype=torch.int32)
     cu_k32 = cu_q32 if same else cu_k.to(device=q_THD.device, dtype=torch.int32)
     if max_q is None:
@@ -114,4 +120,5 @@ def packed_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tens
         kw["enable_gqa"] = True
     elif rep > 1:
         k_THD, v_THD = k_THD.repeat_interleave(rep, 1), v_THD.repeat_interleave(rep, 1)
-    return varlen_attn(q_THD, k_THD, v_THD, cu_q32, cu_k32, max_q, max_k, scale=scale, window_size=(-1, 0), **kw)
+    return varlen_attn(q_THD, k_THD, v_THD, cu_q32, cu_k32, max_q, max_k, scale=scale,
+                       window_size=(-1, 0) if causal else (-1, -1), **kw)

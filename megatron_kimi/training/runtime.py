@@ -15,6 +15,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_kimi.config import RLConfig, TrainConfig, validate_layout
 from megatron_kimi.model.builder import (
+    apply_freezing,
     build_model_chunks,
     padded_vocab_size,
     transformer_config,
@@ -96,6 +97,8 @@ def build_training_bundle(cfg: TrainConfig, vocab_size: int, total_steps: int) -
     padded = padded_vocab_size(m.vocab_size or vocab_size, m.make_vocab_size_divisible_by, cfg.parallel.tensor)
     chunks = build_model_chunks(m, tf_config, padded, lm_head_impl(cfg))
     init_weights(chunks, seed=cfg.training.seed, std=m.init_method_std, num_layers=m.num_layers)
+    if m.vision is not None:  # before DDP: frozen parameters get no grad buffer and no optimizer state
+        apply_freezing(chunks, m.vision)
     model = wrap_for_training(chunks, tf_config, cfg.parallel, cfg.precision)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.parallel, cfg.precision)
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)

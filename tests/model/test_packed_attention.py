@@ -28,8 +28,8 @@ def _packed(lengths, hq, hkv, d, dtype=torch.float32, device="cpu", kv_lengths=N
     return q, k, v, cu_q.to(device), cu_k.to(device)
 
 
-def _naive(q, k, v, cu_q, cu_k, scale):
-    """Per sample, fp64, explicit bottom-right causal mask and repeated K/V heads."""
+def _naive(q, k, v, cu_q, cu_k, scale, causal=True):
+    """Per sample, fp64, explicit bottom-right causal mask (or none) and repeated K/V heads."""
     out = torch.zeros(q.shape, dtype=torch.float64)
     rep = q.shape[1] // k.shape[1]
     bq, bk = cu_q.tolist(), cu_k.tolist()
@@ -41,8 +41,9 @@ def _naive(q, k, v, cu_q, cu_k, scale):
         ki = k[ks:ke].double().cpu().repeat_interleave(rep, 1).transpose(0, 1)
         vi = v[ks:ke].double().cpu().repeat_interleave(rep, 1).transpose(0, 1)
         s = qi @ ki.transpose(1, 2) * scale
-        allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-        s = s.masked_fill(~allowed, float("-inf"))
+        if causal:
+            allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+            s = s.masked_fill(~allowed, float("-inf"))
         out[qs:qe] = (s.softmax(-1) @ vi).transpose(0, 1)
     return out
 
@@ -65,6 +66,24 @@ def test_forced_triton_matches_reference(prefix):
     for impl in ("triton", "ref"):
         got = packed_attention(q, k, v, cu_q, cu_k_arg, scale=0.3, impl=impl)
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5, msg=lambda m, i=impl: f"{i}: {m}")
+
+
+@pytest.mark.parametrize("long_pack", [False, True])
+def test_non_causal_is_each_segment_whole(long_pack, monkeypatch):
+    """The vision tower's attention: every token of a segment sees the whole segment, nothing outside.
+    Both reference paths: one masked SDPA call, and (past mask_max_tokens) one call per segment."""
+    from megatron_kimi.model import attention
+
+    if long_pack:
+        monkeypatch.setattr(attention.varlen_attention_thd_ref, "__defaults__", (0.0, 8, True))
+    q, k, v, cu, _ = _packed(LENGTHS, 4, 2, 16)
+    got = packed_attention(q, k, v, cu, scale=0.25, causal=False)
+    want = _naive(q, k, v, cu, cu, 0.25, causal=False)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert (got.double() - _naive(q, k, v, cu, cu, 0.25)).abs().max() > 1e-2  # not the causal result
+    if va._interpreted():
+        got_triton = packed_attention(q, k, v, cu, scale=0.25, causal=False, impl="triton")
+        torch.testing.assert_close(got_triton.double(), want, atol=2e-5, rtol=1e-5)
 
 
 def test_forced_impls_say_why_they_cannot_run():
@@ -96,3 +115,7 @@ def test_gpu_impls_match_reference(impl, prefix):
     got = packed_attention(q, k, v, cu_q, cu_k if prefix else None, scale=128 ** -0.5, impl=impl)
     want = _naive(q, k, v, cu_q.cpu(), cu_k.cpu(), 128 ** -0.5)
     torch.testing.assert_close(got.double().cpu(), want, atol=2e-2, rtol=2e-2)  # bf16 inputs and output
+    if not prefix:  # the vision tower's non-causal segments
+        got = packed_attention(q, k, v, cu_q, scale=128 ** -0.5, impl=impl, causal=False)
+        want = _naive(q, k, v, cu_q.cpu(), cu_q.cpu(), 128 ** -0.5, causal=False)
+        torch.testing.assert_close(got.double().cpu(), want, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,1 @@
+"""The vision tower (MoonViT-style), projector and the VLM wrapper."""
