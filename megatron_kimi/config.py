@@ -196,6 +196,7 @@ class SFTDataConfig:
     builtin_multi_turn: bool = True
     builtin_carry_slip: float = 0.0  # P(teacher drops the ones carry), see data/chat_synth.py
     builtin_checks: int = 0  # verbose answers: up to this many redundant check lines (data/chat_synth.py)
+    image_token: str = "<|image|>"  # a VLM's image placeholder token (added to the tokenizer if missing)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from megatron.core import parallel_state
 from megatron_kimi.commands.common import Job, Run, run_job
 from megatron_kimi.config import SFTConfig, SFTStageConfig
 from megatron_kimi.data.chat_synth import generate_chat_arithmetic
+from megatron_kimi.data.image_sft import BUILTIN_IMAGE_TASK, ImageSFTSet, PackedImageSFTSource, builtin_image_jsonl
+from megatron_kimi.data.images import ImageProcessing
 from megatron_kimi.data.sft_cache import build_or_load_cache
 from megatron_kimi.data.sft_source import PackedSFTSource
 from megatron_kimi.data.tokenizer import load_tokenizer
@@ -39,6 +41,8 @@ def _stage_data_path(cfg: SFTConfig, stage: SFTStageConfig, cache: Path) -> Path
         tag += f"_slip{d.builtin_carry_slip:g}" if d.builtin_carry_slip else ""
         tag += f"_checks{d.builtin_checks}" if d.builtin_checks else ""
         return cache / f"chat_arithmetic_{tag}_{d.builtin_num_samples}_{cfg.training.seed}.jsonl"
+    if stage.data == BUILTIN_IMAGE_TASK:
+        return cache / f"image_count_{cfg.data.builtin_num_samples}_{cfg.training.seed}" / "data.jsonl"
     return Path(stage.data)
 
 
@@ -47,8 +51,10 @@ def prepare_stage_caches(cfg: SFTConfig, is_rank0: bool):
     cache = Path(cfg.data.cache_dir or Path(cfg.run_dir) / "cache")
     paths = [_stage_data_path(cfg, st, cache) for st in cfg.stages]
     for st, path in zip(cfg.stages, paths):
-        if st.data != BUILTIN_CHAT and not path.is_file():
+        if st.data not in (BUILTIN_CHAT, BUILTIN_IMAGE_TASK) and not path.is_file():
             raise ValueError(f"stages ({st.name}).data: {path} does not exist")
+    if cfg.model.vision is not None:
+        return prepare_image_sets(cfg, paths, cache, is_rank0)
 
     def build():
         for st, path in zip(cfg.stages, paths):
@@ -75,6 +81,23 @@ def prepare_stage_caches(cfg: SFTConfig, is_rank0: bool):
     return tokenizer, caches
 
 
+def prepare_image_sets(cfg: SFTConfig, paths, cache: Path, is_rank0: bool):
+    """A VLM's stages: image chat jsonl held in memory (data/image_sft.py); rank 0 writes builtin data."""
+    if is_rank0:
+        for st, path in zip(cfg.stages, paths):
+            if st.data == BUILTIN_IMAGE_TASK:
+                builtin_image_jsonl(path, cfg.data.builtin_num_samples, cfg.training.seed)
+    dist.barrier()
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cache)
+    processing = ImageProcessing(patch_size=cfg.model.vision.patch_size,
+                                 merge_kernel_size=cfg.model.vision.merge_kernel_size)
+    sets = [ImageSFTSet(p, tokenizer, cfg.data.image_token, processing, cfg.data.on_error) for p in paths]
+    for i, (st, path, s) in enumerate(zip(cfg.stages, paths, sets)):
+        if len(s) == 0:
+            raise ValueError(f"stages[{i}] ({st.name}).data: {path}: empty dataset ({s.stats})")
+    return tokenizer, sets
+
+
 def stage_optimizer(cfg: SFTConfig, stage: SFTStageConfig, steps: int):
     return dataclasses.replace(cfg.optimizer, lr=stage.lr, min_lr=stage.min_lr, warmup_steps=stage.warmup_steps,
                                decay_style=stage.decay_style, decay_steps=max(steps, stage.warmup_steps + 1))
@@ -88,8 +111,9 @@ def build_job(cfg: SFTConfig, ctx: DistContext, start: Optional[Path]) -> Job:
     tokenizer, caches = prepare_stage_caches(cfg, ctx.is_rank0)
     dp_rank = parallel_state.get_data_parallel_rank()
     pad_multiple = 2 * cfg.parallel.context if cfg.parallel.context > 1 else 1
+    source_cls = PackedImageSFTSource if cfg.model.vision is not None else PackedSFTSource
     sources = [
-        PackedSFTSource(c, st.seq_length, st.packs_per_step(), dp_rank, ctx.dp_size, cfg.training.seed,
+        source_cls(c, st.seq_length, st.packs_per_step(), dp_rank, ctx.dp_size, cfg.training.seed,
                         pad_id=tokenizer.pad_token_id, overlong=cfg.data.overlong, pad_to_multiple=pad_multiple)
         for st, c in zip(cfg.stages, caches)
     ]

@@ -94,6 +94,9 @@ class PackedSFTSource:
         bins = self.plan(epoch).bins[offset: offset + self.global_batch_size]
         per_rank = self.global_batch_size // self.dp_size
         mine = bins[self.dp_rank * per_rank: (self.dp_rank + 1) * per_rank]
-        return [to_thd_batch(build_pack(self.cache, b, self.seq_length, self.pad_id,
-                                        pad_to_multiple=self.pad_to_multiple,
-                                        truncate=self.overlong == "truncate")) for b in mine]
+        return [self.to_batch(b) for b in mine]
+
+    def to_batch(self, bin_indices) -> Dict[str, object]:
+        """The micro-batch of one pack (the samples ``bin_indices`` of the cache)."""
+        return to_thd_batch(build_pack(self.cache, bin_indices, self.seq_length, self.pad_id,
+                                       pad_to_multiple=self.pad_to_multiple, truncate=self.overlong == "truncate"))

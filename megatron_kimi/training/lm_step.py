@@ -37,6 +37,12 @@ def packed_to_device(params, device):
     return dataclasses.replace(params, **moved)
 
 
+def image_kwargs(batch, device) -> dict:
+    """``images=`` for a VLM micro-batch with images (data/image_sft.py), else nothing."""
+    images = batch.get("images")
+    return {} if images is None else {"images": images.to(device)}
+
+
 def lm_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     """One micro-batch: tokens/labels/loss_mask/position_ids [b, s] -> per-token CE [b, s]."""
     batch = next(data_iterator)
@@ -49,7 +55,7 @@ def lm_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     packed = packed_to_device(batch.get("packed_seq_params"), device)
-    output_BS = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed)
+    output_BS = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed, **image_kwargs(batch, device))
     return output_BS, partial(_loss_func, loss_mask)
 
 
@@ -92,7 +98,8 @@ def logits_forward_step(data_iterator, model):
         batch = split_batch_for_cp(batch, cp, parallel_state.get_context_parallel_rank())
     device = next(model.parameters()).device
     logits = model(batch["tokens"].to(device), batch["position_ids"].to(device), None,
-                   packed_seq_params=packed_to_device(batch.get("packed_seq_params"), device))
+                   packed_seq_params=packed_to_device(batch.get("packed_seq_params"), device),
+                   **image_kwargs(batch, device))
     return logits, _logits_loss_func
 
 
