@@ -6,6 +6,10 @@ at position i attends to i+1 keys, so a sample of length L costs L(L+1)/2 key-va
 and *per sample* for packed sequences: this is the work a causal varlen kernel really does. Training
 = 3 x forward (backward = 2 x forward); activation recomputation is not counted (model FLOPs, the
 MFU convention), so recompute shows up as lower MFU.
+
+A VLM (``model.vision``) adds its tower per image of an ``h x w`` patch grid: the patch embedding,
+``L_v`` pre-LN ViT layers over ``h*w`` patches with *full* (non-causal) attention inside the image, and
+the projector over ``h*w/merge^2`` merged tokens.
 """
 
 from __future__ import annotations
@@ -36,10 +40,27 @@ def attention_flops(m: ModelConfig, lengths: Iterable[int]) -> float:
     return m.num_layers * 2 * 2 * m.num_attention_heads * head_dim(m) * pairs
 
 
-def training_flops(m: ModelConfig, vocab_size: int, lengths: Iterable[int]) -> float:
-    """Model FLOPs of one forward+backward over samples of the given lengths."""
+def vision_flops(m: ModelConfig, grids: Iterable[tuple]) -> float:
+    """Forward FLOPs of the vision tower + projector over images of patch grids ``(h, w)``."""
+    v = m.vision
+    if v is None:
+        return 0.0
+    D, F, K = v.hidden_size, v.ffn_hidden_size, v.merge_kernel_size ** 2
+    total = 0.0
+    for h, w in grids:
+        n = h * w
+        dense = 2 * 3 * v.patch_size ** 2 * D + v.num_layers * (2 * 4 * D * D + 2 * 2 * D * F)
+        scores = v.num_layers * 2 * 2 * D * n * n  # QK^T and AV, every patch against the whole image
+        projector = (n // K) * (2 * (K * D) ** 2 + 2 * K * D * m.hidden_size)
+        total += n * dense + scores + projector
+    return total
+
+
+def training_flops(m: ModelConfig, vocab_size: int, lengths: Iterable[int], image_grids: Iterable[tuple] = ()) -> float:
+    """Model FLOPs of one forward+backward over samples of the given lengths (and images, for a VLM)."""
     lengths = list(lengths)
-    return 3.0 * (dense_flops_per_token(m, vocab_size) * sum(lengths) + attention_flops(m, lengths))
+    return 3.0 * (dense_flops_per_token(m, vocab_size) * sum(lengths) + attention_flops(m, lengths)
+                  + vision_flops(m, image_grids))
 
 
 def num_params(m: ModelConfig, vocab_size: int) -> int:
@@ -50,7 +71,19 @@ def num_params(m: ModelConfig, vocab_size: int) -> int:
     norms = 2 * h
     emb = vocab_size * h * (1 if m.tie_word_embeddings else 2)
     pos = m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0
-    return m.num_layers * (attn + mlp + norms) + h + emb + pos
+    return m.num_layers * (attn + mlp + norms) + h + emb + pos + vision_num_params(m)
+
+
+def vision_num_params(m: ModelConfig) -> int:
+    """The tower's and projector's parameters (0 without ``model.vision``)."""
+    v = m.vision
+    if v is None:
+        return 0
+    D, F, K = v.hidden_size, v.ffn_hidden_size, v.merge_kernel_size ** 2
+    layer = (3 * D * D + 3 * D) + (D * D + D) + (D * F + F) + (F * D + D) + 4 * D  # qkv, proj, fc1, fc2, 2 LNs
+    tower = 3 * v.patch_size ** 2 * D + D + v.position_grid_size ** 2 * D + v.num_layers * layer + 2 * D
+    projector = 2 * D + (K * D) ** 2 + K * D + K * D * m.hidden_size + m.hidden_size
+    return tower + projector
 
 
 # Dense peak TFLOP/s per device (no sparsity), by name fragment and dtype. fp32 means TF32 tensor cores.

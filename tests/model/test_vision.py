@@ -190,3 +190,23 @@ def test_gradients_and_freezing(freeze):
             assert r["requires_grad"] and r["in_optimizer"], name
             if r["part"] != "lm":  # every tower/projector tensor is reached from the text loss
                 assert r["grad_norm"] is not None and r["grad_norm"] > 0, (name, r)
+
+
+def _count_body(rank, world_size):
+    from megatron_kimi.platform import cpu_emulation
+
+    cpu_emulation.activate()
+    from megatron_kimi.model.flops import num_params
+    from megatron_kimi.training.runtime import shutdown
+
+    cfg, chunks = _build(1)
+    try:
+        return sum(p.numel() for p in chunks[0].parameters()), num_params(cfg.model, 128)
+    finally:
+        shutdown()
+
+
+def test_parameter_count_includes_the_tower():
+    """model/flops.py's count (the one MFU and the benchmarks use) against the built VLM."""
+    built, counted = run_distributed(_count_body, 1)[0]
+    assert built == counted
