@@ -1,10 +1,26 @@
-"""Checkpoint conversion between Hugging Face (Llama / Qwen2) and Megatron dist checkpoints.
+"""Checkpoint conversion between Hugging Face (Llama / Qwen2 / Kimi-K2.5) and Megatron dist checkpoints.
 
 * ``megatron_kimi.convert.hf_to_mcore.hf_to_mcore``: HF safetensors -> Megatron checkpoint
   at a TP/PP layout (``tp * pp`` local CPU ranks, each reading only its shard).
 * ``megatron_kimi.convert.mcore_to_hf.mcore_to_hf``: Megatron checkpoint (any layout) ->
   HF safetensors, streamed tensor by tensor in one process.
 * :mod:`megatron_kimi.convert.hf`: the name / layout / config mapping as pure functions.
+* :mod:`megatron_kimi.convert.kimi_k25`: the same for Kimi-K2.5 (``model_type: kimi_k25``: vision tower
+  + projector + a Llama / Qwen2 text model) <-> a VLM (``model.vision``), on top of ``hf`` and
+  :mod:`megatron_kimi.convert.vision` (tower and projector names / layouts / ``vision_config``).
+
+=========================  ================================  =========================================
+HF ``model_type``          Megatron checkpoint               HF tensor names
+=========================  ================================  =========================================
+llama / qwen2              LM (``embedding``, ``decoder``,   ``model.*``, ``lm_head.weight``
+                           ``output_layer``)
+kimi_k25 (text_config      LM + ``vision_model.*``,          ``model.language_model.*``,
+llama / qwen2)             ``vision_projection.*``           ``model.vision_tower.*``,
+                           (first pipeline stage)            ``model.mm_projector.*``, ``lm_head.weight``
+=========================  ================================  =========================================
+
+``mcore-to-hf`` writes Kimi-K2.5 for a checkpoint whose ``model.vision`` is set (``--model-type``
+then names its text model), else Llama / Qwen2.
 
 CLI: ``python tools/convert_checkpoint.py {hf-to-mcore,mcore-to-hf} ...`` (:func:`main`).
 """
@@ -28,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert_checkpoint.py",
                                      description="Convert checkpoints between Hugging Face and Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("hf-to-mcore", help="HF safetensors (Llama / Qwen2) -> Megatron dist checkpoint")
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors (Llama / Qwen2 / Kimi-K2.5) -> Megatron dist checkpoint")
     a.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
     a.add_argument("--out", required=True, help="output checkpoint root (gets latest + iter_0000000/)")
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written checkpoint")
@@ -40,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ckpt", required=True, help="a checkpoints/ dir with `latest`, or an iter_* dir")
     b.add_argument("--out", required=True, help="output HF model directory")
     b.add_argument("--model-type", choices=["llama", "qwen2"], default=None,
-                   help="HF architecture (default: the one recorded at hf-to-mcore time)")
+                   help="HF architecture (default: the one recorded at hf-to-mcore time); for a VLM "
+                        "checkpoint (model.vision) the text model of the Kimi-K2.5 output")
     b.add_argument("--tokenizer", default=None, help="tokenizer directory to copy (default: the recorded one)")
     b.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (e.g. 2GB, 500MB)")
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,

@@ -22,6 +22,9 @@ Every Megatron tensor is described as a list of :class:`Segment` s: row ranges o
 zero rows) stacked along dim 0. That one description serves both directions: filling any row slice
 of a Megatron shard straight from safetensors (``hf_to_mcore``), and splitting a full Megatron tensor
 back into HF tensors (``mcore_to_hf``). Columns (dims >= 1) are never rearranged.
+
+Kimi-K2.5 (``model_type: kimi_k25``) uses this table for its text model under ``model.language_model.``
+plus the vision tower's: :mod:`megatron_kimi.convert.kimi_k25`, :mod:`megatron_kimi.convert.vision`.
 """
 
 from __future__ import annotations
@@ -300,15 +303,23 @@ def is_ignorable_hf_tensor(name: str, a: Arch) -> bool:
 
 def megatron_from_hf(name: str, get: Callable[[str], torch.Tensor], a: Arch) -> torch.Tensor:
     """Full Megatron tensor ``name`` assembled from HF tensors (``get(hf_name)``)."""
-    segs = megatron_segments(name, a)
+    return assemble_segments(megatron_segments(name, a), get)
+
+
+def hf_from_megatron(name: str, tensor: torch.Tensor, a: Arch) -> Dict[str, torch.Tensor]:
+    """Split full Megatron tensor ``name`` into its HF tensors (padding rows dropped)."""
+    return split_segments(name, megatron_segments(name, a), tensor)
+
+
+def assemble_segments(segs: Sequence[Segment], get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """Stack the rows that ``segs`` name (``get(hf_name)`` gives an HF tensor; zeros for padding)."""
     parts = [None if s.hf_name is None else get(s.hf_name)[s.start:s.stop] for s in segs]
     ref = next(p for p in parts if p is not None)
     return torch.cat([p if p is not None else ref.new_zeros(s.rows, *ref.shape[1:]) for p, s in zip(parts, segs)])
 
 
-def hf_from_megatron(name: str, tensor: torch.Tensor, a: Arch) -> Dict[str, torch.Tensor]:
-    """Split full Megatron tensor ``name`` into its HF tensors (padding rows dropped)."""
-    segs = megatron_segments(name, a)
+def split_segments(name: str, segs: Sequence[Segment], tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Inverse of :func:`assemble_segments`: full Megatron tensor ``name`` -> {HF name: tensor}."""
     total = sum(s.rows for s in segs)
     if tensor.shape[0] != total:
         raise ConversionError(f"Megatron tensor {name!r} has {tensor.shape[0]} rows, expected {total}")

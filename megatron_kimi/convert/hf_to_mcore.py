@@ -1,4 +1,4 @@
-"""Hugging Face (Llama / Qwen2 safetensors) -> Megatron dist checkpoint at a given TP/PP layout.
+"""Hugging Face (Llama / Qwen2 / Kimi-K2.5 safetensors) -> Megatron dist checkpoint at a given TP/PP layout.
 
 The parent process reads only ``config.json`` and the safetensors *headers* and checks every tensor
 name and shape (missing / unexpected / mis-shaped tensors fail here, before anything is spawned).
@@ -6,6 +6,11 @@ Then ``tp * pp`` local gloo ranks (CPU, CUDA hidden) each build their own Megatr
 layout, fill every local parameter shard by reading from the safetensors files only the rows and
 columns it holds (``safe_open(...).get_slice(name)[rows, cols]``), and write the checkpoint together
 with :func:`megatron_kimi.training.checkpoint.save`. Peak memory per rank is about its own shard.
+
+Kimi-K2.5 (``config.json`` ``model_type: kimi_k25``, a Llama / Qwen2 ``text_config``): the model config
+gets ``vision`` (:func:`megatron_kimi.convert.kimi_k25.model_config_from_hf`), the first pipeline stage's
+ranks also fill ``vision_model.*`` / ``vision_projection.*`` (TP-sharded linears sliced as the LM's are),
+and the checkpoint records the text model type for ``mcore_to_hf``.
 
 Output (``OUT``)::
 
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from megatron_kimi.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
-from megatron_kimi.convert import hf
+from megatron_kimi.convert import hf, kimi_k25
 from megatron_kimi.platform.launch import free_port
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -113,9 +118,13 @@ def scan_hf_tensors(hf_dir: str | Path) -> Tuple[Dict[str, Tuple[str, Tuple[int,
     return tensors, where
 
 
-def check_hf_tensors(tensors: Dict[str, Tuple[str, Tuple[int, ...], str]], arch: hf.Arch, where: str) -> Dict[str, str]:
-    """Every expected tensor present with its shape, nothing unexpected; returns {name: file}."""
-    expected = hf.hf_shapes(arch)
+def check_hf_tensors(tensors: Dict[str, Tuple[str, Tuple[int, ...], str]], arch, where: str) -> Dict[str, str]:
+    """Every expected tensor present with its shape, nothing unexpected; returns {name: file}.
+
+    ``arch``: an ``hf.Arch``, or a ``kimi_k25.VLMArch`` (Kimi-K2.5 names).
+    """
+    names = kimi_k25.mapping(arch)
+    expected = names.hf_shapes(arch)
     for name, shape in expected.items():
         if name not in tensors:
             raise hf.ConversionError(f"missing tensor {name!r} (expected shape {list(shape)}) in {where}")
@@ -126,7 +135,7 @@ def check_hf_tensors(tensors: Dict[str, Tuple[str, Tuple[int, ...], str]], arch:
         if dtype not in _FLOAT_DTYPES:
             raise hf.ConversionError(f"tensor {name!r} in {path}: dtype {dtype} is not a float type")
     for name, (path, _, _) in tensors.items():
-        if name not in expected and not hf.is_ignorable_hf_tensor(name, arch):
+        if name not in expected and not names.is_ignorable_hf_tensor(name, arch):
             raise hf.ConversionError(f"unexpected tensor {name!r} in {path} (not part of a "
                                      f"{'tied' if arch.tied else 'untied'} model with this config)")
     return {name: tensors[name][0] for name in expected}
@@ -141,9 +150,9 @@ def _tokenizer_files(hf_dir: Path):
 # --------------------------------------------------------------------------------------------
 
 
-def _fill_shard(sh, arch: hf.Arch, weight_map: Dict[str, str], read) -> None:
+def _fill_shard(sh, arch, weight_map: Dict[str, str], read) -> None:
     """Copy the HF rows/columns of Megatron shard ``sh`` into it (zeros for vocab padding)."""
-    segs = hf.megatron_segments(sh.name, arch)
+    segs = kimi_k25.mapping(arch).megatron_segments(sh.name, arch)
     total = sum(s.rows for s in segs)
     if total != sh.full_shape[0]:
         raise hf.ConversionError(f"Megatron tensor {sh.name!r}: {sh.full_shape[0]} rows, the HF mapping gives {total}")
@@ -198,7 +207,7 @@ def convert_rank(plan: dict) -> None:
     tf_config = transformer_config(build_model, cfg.parallel, cfg.precision)
     # Every weight is overwritten below; skip Megatron's (full-tensor, on CPU) random init.
     tf_config.perform_initialization = False
-    arch: hf.Arch = plan["arch"]
+    arch = plan["arch"]  # hf.Arch, or kimi_k25.VLMArch
     chunks = build_model_chunks(build_model, tf_config, arch.padded_vocab_size)
     params = [(n, p) for c in chunks for n, p in c.named_parameters()]
     with torch.no_grad():
@@ -341,8 +350,9 @@ def prepare(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise hf.ConversionError(f"{out}: output directory is not empty (pass overwrite=True / --overwrite)")
     hf_config = read_hf_config(hf_dir)
+    vlm = kimi_k25.is_kimi_k25(hf_config)
     try:
-        m = hf.model_config_from_hf(hf_config, make_vocab_size_divisible_by)
+        m = (kimi_k25 if vlm else hf).model_config_from_hf(hf_config, make_vocab_size_divisible_by)
     except hf.ConversionError as e:
         raise hf.ConversionError(f"{hf_dir / 'config.json'}: {e}") from None
     try:
@@ -350,10 +360,12 @@ def prepare(
     except ValueError as e:
         raise hf.ConversionError(f"{hf_dir}: cannot convert at tp={tp}, pp={pp}: {e}") from None
     tensors, where = scan_hf_tensors(hf_dir)
+    if vlm:
+        kimi_k25.check_tensor_layout(tensors, where)
     from megatron_kimi.model.builder import padded_vocab_size  # imports Megatron
 
     padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
-    arch = hf.arch_from_model_config(m, padded)
+    arch = kimi_k25.arch_from_model_config(m, padded)
     weight_map = check_hf_tensors(tensors, arch, where)
 
     if out.exists():
@@ -369,13 +381,16 @@ def prepare(
     gen_path = hf_dir / "generation_config.json"
     record = {
         "model_type": hf_config["model_type"],
-        "architectures": hf_config.get("architectures") or [hf.SUPPORTED_ARCHITECTURES[hf_config["model_type"]]],
+        "architectures": hf_config.get("architectures")
+        or [kimi_k25.ARCHITECTURE if vlm else hf.SUPPORTED_ARCHITECTURES[hf_config["model_type"]]],
         "config": hf_config,
         "source_dir": str(hf_dir),
         "tokenizer_dir": "tokenizer" if tok_files else None,
         "generation_config": json.loads(gen_path.read_text()) if gen_path.is_file() else None,
         "source_dtype": sorted({dt for _, _, dt in tensors.values()}),
     }
+    if vlm:  # mcore_to_hf writes the text_config of this text architecture
+        record["text_model_type"] = kimi_k25.text_model_type(hf_config)
     train_config = _train_config(m, tp, pp)
     return {
         "hf_dir": str(hf_dir),

@@ -1,18 +1,20 @@
-"""Megatron dist checkpoint -> Hugging Face (Llama / Qwen2) safetensors, streaming.
+"""Megatron dist checkpoint -> Hugging Face (Llama / Qwen2 / Kimi-K2.5) safetensors, streaming.
 
 One process, any saved layout. The checkpoint's metadata gives every tensor's global shape; the
 tensors are then loaded one unit at a time (the embedding, one decoder layer, the final norm, the
-output layer) with a sharded state dict of ``ShardedTensor`` s that cover just that unit (a layer is
-one slice of the stacked layer axis), split into HF tensors, and written into safetensors files of at
+output layer; for a VLM also one tower layer or one other tower / projector tensor) with a sharded
+state dict of ``ShardedTensor`` s that cover just that unit (a layer is one slice of the stacked
+layer axis), split into HF tensors, and written into safetensors files of at
 most ``max_shard_size`` (a file is written, and freed, as soon as its last tensor is ready), plus
 ``model.safetensors.index.json`` when there is more than one file. Peak memory is about one output
 file plus one decoder layer. ``dist_checkpointing.load`` needs a process group: a 1-rank gloo group
 on an in-memory store is created (and destroyed) if none exists.
 
 Also written: ``config.json`` (from the checkpoint's model config; the original HF config, when the
-checkpoint came from :mod:`hf_to_mcore`, supplies the other fields such as token ids),
-``generation_config.json`` when one was recorded, and the tokenizer files (``tokenizer=`` or the
-recorded ones).
+checkpoint came from :mod:`hf_to_mcore`, supplies the other fields such as token ids; a checkpoint with
+``model.vision`` becomes a Kimi-K2.5 directory with ``text_config`` + ``vision_config``, see
+:mod:`megatron_kimi.convert.kimi_k25`), ``generation_config.json`` when one was recorded, and the
+tokenizer files (``tokenizer=`` or the recorded ones).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_kimi.config import ModelConfig, TrainConfig, build_config
-from megatron_kimi.convert import hf
+from megatron_kimi.convert import hf, kimi_k25
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _OUR_FILES = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+_STACKED = re.compile(r"^(.*?layers\.)(\d+)\.(.+)$")  # "<stack>layers.<i>.<key>" (LM or vision tower)
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "vision_model.", "vision_projection.")
 
 
 def _model_config(common: dict, ckpt_dir: Path) -> ModelConfig:
@@ -131,10 +135,16 @@ class _ProcessGroup:
         return False
 
 
-def _check_metadata(metadata: dict, arch: hf.Arch, ckpt_dir: Path) -> None:
-    expected = hf.megatron_shapes(arch)
+def _split_stacked(name: str):
+    """"vision_model.decoder.layers.3.x" -> ("vision_model.decoder.layers.x", 3); else (name, None)."""
+    m = _STACKED.match(name)
+    return (m.group(1) + m.group(3), int(m.group(2))) if m else (name, None)
+
+
+def _check_metadata(metadata: dict, arch, ckpt_dir: Path) -> None:
+    expected = kimi_k25.mapping(arch).megatron_shapes(arch)
     for key, (shape, stacked) in expected.items():
-        full = ((arch.num_layers,) + tuple(shape)) if stacked else tuple(shape)
+        full = ((kimi_k25.stack_depth(key, arch),) + tuple(shape)) if stacked else tuple(shape)
         if key not in metadata:
             raise hf.ConversionError(f"missing tensor {key!r} in checkpoint {ckpt_dir}")
         got = tuple(metadata[key].global_shape)
@@ -142,48 +152,49 @@ def _check_metadata(metadata: dict, arch: hf.Arch, ckpt_dir: Path) -> None:
             raise hf.ConversionError(f"tensor {key!r} in checkpoint {ckpt_dir}: shape {list(got)} does not match "
                                      f"the model config (expected {list(full)})")
     for key in metadata:
-        if key.startswith(("embedding.", "decoder.", "output_layer.")) and key not in expected \
+        if key.startswith(_MODEL_PREFIXES) and key not in expected \
                 and not key.endswith("_extra_state"):
             raise hf.ConversionError(f"unexpected tensor {key!r} in checkpoint {ckpt_dir} (no HF counterpart "
                                      "for this model config)")
 
 
-def _units(arch: hf.Arch) -> List[List[str]]:
-    names = hf.megatron_names(arch)
+def _units(arch) -> List[List[str]]:
+    """The names grouped into load units: one per decoder layer (LM or tower), one per other tensor."""
+    names = kimi_k25.mapping(arch).megatron_names(arch)
     units: List[List[str]] = []
-    current_layer = None
+    current = None
     for name in names:
-        layer, _ = hf.split_layer_name(name)
-        if layer is not None and layer == current_layer:
+        key, layer = _split_stacked(name)
+        unit = None if layer is None else (key.rsplit("layers.", 1)[0], layer)
+        if unit is not None and unit == current:
             units[-1].append(name)
         else:
             units.append([name])
-        current_layer = layer
+        current = unit
     return units
 
 
-def _load_unit(names: List[str], metadata: dict, arch: hf.Arch, ckpt_dir: Path) -> Dict[str, torch.Tensor]:
+def _load_unit(names: List[str], metadata: dict, arch, ckpt_dir: Path) -> Dict[str, torch.Tensor]:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     sd = {}
     for j, name in enumerate(names):
-        layer, key = hf.split_layer_name(name)
+        ckey, layer = _split_stacked(name)
+        meta = metadata[ckey]
         if layer is None:
-            meta = metadata[name]
             sd[f"__convert_{j}"] = ShardedTensor.from_rank_offsets(
                 name, torch.empty(tuple(meta.global_shape), dtype=meta.dtype), replica_id=0)
         else:
-            ckey = f"decoder.layers.{key}"
-            meta = metadata[ckey]
             shape = (1,) + tuple(meta.global_shape[1:])
             sd[f"__convert_{j}"] = ShardedTensor.from_rank_offsets(
-                ckey, torch.empty(shape, dtype=meta.dtype), (0, layer, arch.num_layers), replica_id=0)
+                ckey, torch.empty(shape, dtype=meta.dtype), (0, layer, kimi_k25.stack_depth(ckey, arch)),
+                replica_id=0)
     loaded = dist_checkpointing.load(sd, str(ckpt_dir), validate_access_integrity=False)
     out = {}
     for j, name in enumerate(names):
         t = loaded[f"__convert_{j}"]
-        out[name] = t[0] if hf.split_layer_name(name)[0] is not None else t
+        out[name] = t[0] if _split_stacked(name)[1] is not None else t
     return out
 
 
@@ -208,10 +219,12 @@ def mcore_to_hf(
     common = checkpoint.read_common(ckpt_dir)
     m = _model_config(common, ckpt_dir)
     record = _hf_record(common, ckpt_dir)
-    model_type = model_type or record.get("model_type")
+    vlm = m.vision is not None  # written as Kimi-K2.5; model_type then names its text model
+    model_type = model_type or record.get("text_model_type" if vlm else "model_type")
     if model_type is None:
         raise hf.ConversionError(f"{ckpt_dir}: the checkpoint does not record an HF architecture; pass "
-                                 f"model_type (--model-type {'|'.join(hf.SUPPORTED_ARCHITECTURES)})")
+                                 f"model_type (--model-type {'|'.join(hf.SUPPORTED_ARCHITECTURES)}"
+                                 f"{': the text model of the Kimi-K2.5 output' if vlm else ''})")
     if model_type not in hf.SUPPORTED_ARCHITECTURES:
         raise hf.ConversionError(f"model_type={model_type!r} is not supported (supported: "
                                  f"{', '.join(hf.SUPPORTED_ARCHITECTURES)})")
@@ -228,8 +241,9 @@ def mcore_to_hf(
         base = record.get("config")
         tok = _tokenizer_facts(tok_dir) if tok_dir is not None and (base is None or not m.vocab_size) else {}
         # model.vocab_size None: the run used its tokenizer's size (padded in the checkpoint)
-        vocab = vocab_size or m.vocab_size or (base or {}).get("vocab_size") or tok.get("vocab_size") or padded
-        arch = hf.arch_from_model_config(m, padded, vocab)
+        vocab = (vocab_size or m.vocab_size or kimi_k25.text_config_of(base).get("vocab_size") or tok.get("vocab_size")
+                 or padded)
+        arch = kimi_k25.arch_from_model_config(m, padded, vocab)
         _check_metadata(metadata, arch, ckpt_dir)
         source = record.get("source_dtype") or []  # the HF checkpoint's dtype, if it came from one
         if dtype:
@@ -240,9 +254,9 @@ def mcore_to_hf(
             out_dtype = metadata[hf.EMBEDDING].dtype
         if base is None:  # trained from scratch: token ids from the tokenizer
             base = {k: v for k, v in tok.items() if k.endswith("_token_id") and v is not None}
-        hf_config = hf.hf_config_from_model_config(m, model_type, vocab, out_dtype, base=base)
-
-        shapes = list(hf.hf_shapes(arch).items())
+        hf_config = (kimi_k25 if vlm else hf).hf_config_from_model_config(m, model_type, vocab, out_dtype, base=base)
+        names_of = kimi_k25.mapping(arch)
+        shapes = list(names_of.hf_shapes(arch).items())
         files = hf.plan_shards(shapes, out_dtype, max_bytes)
         names = (["model.safetensors"] if len(files) == 1
                  else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
@@ -259,7 +273,7 @@ def mcore_to_hf(
         total = 0
         for unit in _units(arch):
             for name, tensor in _load_unit(unit, metadata, arch, ckpt_dir).items():
-                for hf_name, t in hf.hf_from_megatron(name, tensor, arch).items():
+                for hf_name, t in names_of.hf_from_megatron(name, tensor, arch).items():
                     fname = file_of[hf_name]
                     buffers.setdefault(fname, {})[hf_name] = t.to(out_dtype).contiguous()
                     total += t.numel() * hf.dtype_nbytes(out_dtype)
