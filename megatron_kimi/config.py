@@ -194,7 +194,7 @@ class SFTDataConfig:
     builtin_long_cot: bool = False  # builtin data with worked (long chain-of-thought) answers
     builtin_operands: int = 0  # 0: long-tailed 2..6 operands; n: always n (the RL demo warms up on n=2)
     builtin_multi_turn: bool = True
-    builtin_carry_slip: float = 0.0  # P(teacher drops the ones carry), see data/chat_synth.py
+    builtin_carry_slip: float = 0.0  # P(teacher slips): drops the ones carry (data/chat_synth.py), counts +1 (images)
     builtin_checks: int = 0  # verbose answers: up to this many redundant check lines (data/chat_synth.py)
     image_token: str = "<|image|>"  # a VLM's image placeholder token (added to the tokenizer if missing)
 
@@ -305,6 +305,7 @@ class RLDataConfig:
     eval_size: int = 200
     tokenizer: str = "builtin:char"
     reward: Optional[str] = None  # override the per-prompt "kind" reward (a registry name or dotted path)
+    image_token: str = "<|image|>"  # a VLM's image placeholder token (rl/images.py; as data.image_token in SFT)
     on_error: Literal["raise", "skip"] = "raise"  # bad prompt lines: error (file:line) or skip and count
     # Prompt sampling (rl/prompt_sampler.py): uniform | curriculum (by "difficulty", easiest part first)
     # | prioritized (P ∝ 1 − success rate + priority_floor).

@@ -26,6 +26,7 @@ EXAMPLES = {
     "recipe/rl.yaml": "rl",
     "recipe/shortest_sft.yaml": "sft",
     "recipe/sft_warmup.yaml": "sft",
+    "vision/rl_tiny.yaml": "rl",
     "vision/sft_tiny.yaml": "sft",
     "sft/kimi_two_stage_7b.yaml": "sft",
     "sft/long_cot_warmup_tiny.yaml": "sft",

@@ -14,12 +14,14 @@ import torch.distributed as dist
 
 from megatron_kimi.commands.common import Job, Run, run_job
 from megatron_kimi.config import RLConfig
+from megatron_kimi.data.images import ImageProcessing
 from megatron_kimi.data.tokenizer import load_tokenizer
 from megatron_kimi.model.sharding import unwrap
 from megatron_kimi.rl import loop
 from megatron_kimi.rl.batching import make_rl_forward_step
 from megatron_kimi.rl.data import load_prompt_sets
 from megatron_kimi.rl.generation import SampleGenerator
+from megatron_kimi.rl.images import PromptImages, check_image_rl
 from megatron_kimi.rl.loss import get_loss
 from megatron_kimi.rl.plot import plot_curves
 from megatron_kimi.rollout.engine import GenerationEngine
@@ -44,6 +46,12 @@ def build_rl_job(cfg: RLConfig, ctx: DistContext) -> loop.RLJob:
         load_tokenizer(cfg.data.tokenizer, cache)
     dist.barrier()
     tokenizer = load_tokenizer(cfg.data.tokenizer, cache)
+    images = None
+    if cfg.model.vision is not None:  # before the model: the placeholder token may grow the vocab
+        check_image_rl(cfg)
+        v = cfg.model.vision
+        images = PromptImages(tokenizer, cfg.data.image_token,
+                              ImageProcessing(patch_size=v.patch_size, merge_kernel_size=v.merge_kernel_size))
     train_prompts, heldout = load_prompt_sets(cfg)
     get_loss(cfg.rl.loss)  # fail fast on a bad name
     r = cfg.rl
@@ -75,7 +83,7 @@ def build_rl_job(cfg: RLConfig, ctx: DistContext) -> loop.RLJob:
         engine = GenerationEngine(unwrap(trainer.model[0]), max_batch_size=cfg.rollout.max_batch_size,
                                   max_seq_len=cfg.training.seq_length, eos_token_id=tokenizer.eos_token_id)
     return loop.RLJob(cfg=cfg, trainer=trainer, backend=engine,
-                      generator=SampleGenerator(tokenizer, cfg.rollout, stop_token_ids(tokenizer)),
+                      generator=SampleGenerator(tokenizer, cfg.rollout, stop_token_ids(tokenizer), images),
                       train_prompts=train_prompts, heldout_prompts=heldout, pad_id=tokenizer.pad_token_id)
 
 

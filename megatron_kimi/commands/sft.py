@@ -42,7 +42,8 @@ def _stage_data_path(cfg: SFTConfig, stage: SFTStageConfig, cache: Path) -> Path
         tag += f"_checks{d.builtin_checks}" if d.builtin_checks else ""
         return cache / f"chat_arithmetic_{tag}_{d.builtin_num_samples}_{cfg.training.seed}.jsonl"
     if stage.data == BUILTIN_IMAGE_TASK:
-        return cache / f"image_count_{cfg.data.builtin_num_samples}_{cfg.training.seed}" / "data.jsonl"
+        slip = f"_slip{cfg.data.builtin_carry_slip:g}" if cfg.data.builtin_carry_slip else ""
+        return cache / f"image_count_{cfg.data.builtin_num_samples}_{cfg.training.seed}{slip}" / "data.jsonl"
     return Path(stage.data)
 
 
@@ -86,7 +87,7 @@ def prepare_image_sets(cfg: SFTConfig, paths, cache: Path, is_rank0: bool):
     if is_rank0:
         for st, path in zip(cfg.stages, paths):
             if st.data == BUILTIN_IMAGE_TASK:
-                builtin_image_jsonl(path, cfg.data.builtin_num_samples, cfg.training.seed)
+                builtin_image_jsonl(path, cfg.data.builtin_num_samples, cfg.training.seed, cfg.data.builtin_carry_slip)
     dist.barrier()
     tokenizer = load_tokenizer(cfg.data.tokenizer, cache)
     processing = ImageProcessing(patch_size=cfg.model.vision.patch_size,

@@ -142,11 +142,19 @@ class PackedImageSFTSource(PackedSFTSource):
         return batch
 
 
-def builtin_image_jsonl(path: Path, num_samples: int, seed: int) -> Path:
-    """The synthetic counting task (``data/image_synth.py``) as a chat jsonl with PNGs beside it."""
+def builtin_image_jsonl(path: Path, num_samples: int, seed: int, slip: float = 0.0) -> Path:
+    """The synthetic counting task (``data/image_synth.py``) as a chat jsonl with PNGs beside it.
+
+    ``slip``: the fraction of answers a sloppy teacher gives as count + 1 (a systematic error the
+    verifier's reward can remove in RL, as the arithmetic demo's dropped carry; 0: every answer right).
+    """
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         records = make_image_task(num_samples, seed)
+        rng = np.random.default_rng([seed, 7])  # its own stream: the images do not depend on slip
+        for rec in records:
+            if slip and rng.random() < slip:
+                rec["answer"] = str(rec["count"] + 1)
         tmp = path.with_suffix(".tmp.jsonl")
         write_image_jsonl(records, tmp, image_dir=path.parent / f"{path.stem}_images")
         tmp.rename(path)

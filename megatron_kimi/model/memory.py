@@ -25,6 +25,11 @@ last the logits; both are taken at their worst):
 * **logits** on the last stage: the logits (b_w) + the fp32 softmax the loss keeps (its gradient is
   formed in place) ≈ (b_w + 4) bytes · tokens · V/TP
   (the fused log-prob kernel of megatron_kimi.kernels would make this ~0 for RL);
+* **vision** (a VLM, ``model.vision``; first stage): the tower's and projector's weights, grads and
+  optimizer state (as above; TP-sharded linears / TP, the rest replicated) and its activations per
+  patch per layer 2·(8D + 2F)/TP (two LayerNorm inputs, Q/K/V, attention out + LSE, fc1 out and the
+  unfused GELU's input) times the patches of the micro-batches in flight. Patches per micro-batch:
+  ``image_patches``, by default the worst case, every token an image token (merge² patches each);
 * **overhead**: CUDA context, NCCL buffers, workspaces ≈ 3 GiB, plus 10 % allocator fragmentation.
 """
 
@@ -96,7 +101,7 @@ def activation_bytes_per_token_layer(m: ModelConfig, layout: Layout, recompute: 
 
 def plan(m: ModelConfig, vocab: int, layout: Layout, seq_length: int, dtype: str, recompute: RecomputeConfig,
          num_microbatches: int, grad_reduce_in_fp32: bool = True, capacity_gib: float = H100_GIB,
-         overhead_bytes: float = OVERHEAD_BYTES) -> MemoryPlan:
+         overhead_bytes: float = OVERHEAD_BYTES, image_patches: Optional[int] = None) -> MemoryPlan:
     bw = 4 if dtype == "fp32" else 2
     p = stage_params(m, vocab, layout)
     shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
@@ -126,8 +131,27 @@ def plan(m: ModelConfig, vocab: int, layout: Layout, seq_length: int, dtype: str
         "logits": logits,
         "overhead": overhead_bytes,
     }
+    if m.vision is not None:
+        parts["vision"] = vision_bytes(m, layout, dtype, grad_reduce_in_fp32, opt_bytes / shard, in_flight,
+                                       seq_length * m.vision.merge_kernel_size ** 2 if image_patches is None
+                                       else image_patches)
     parts["fragmentation"] = FRAGMENTATION * sum(v for k, v in parts.items() if k != "overhead")
     return MemoryPlan(parts=parts, layout=layout, seq_length=seq_length, capacity_gib=capacity_gib)
+
+
+def vision_bytes(m: ModelConfig, layout: Layout, dtype: str, grad_reduce_in_fp32: bool, opt_bytes: float,
+                 in_flight: float, patches: int) -> float:
+    """The tower + projector on the first stage: weights, grads, optimizer state, activations."""
+    from megatron_kimi.model.flops import vision_num_params
+
+    v = m.vision
+    bw = 4 if dtype == "fp32" else 2
+    D, F, K = v.hidden_size, v.ffn_hidden_size, v.merge_kernel_size ** 2
+    sharded = v.num_layers * (4 * D * D + 2 * D * F) + (K * D) ** 2 + K * D * m.hidden_size
+    params = vision_num_params(m) - sharded + sharded / layout.tp
+    static = params * (bw + (4 if grad_reduce_in_fp32 else bw) + opt_bytes)
+    per_patch_layer = 2 * (8 * D + 2 * F) / layout.tp * (bw / 2)
+    return static + per_patch_layer * v.num_layers * patches * in_flight
 
 
 def layout_from(parallel: ParallelConfig, world_size: int) -> Layout:

@@ -29,7 +29,8 @@ from megatron_kimi.data.sft_source import to_thd_batch
 from megatron_kimi.kernels.mirror_descent_loss import mirror_descent_loss_packed
 from megatron_kimi.rl.loss import get_loss, segment_sum
 from megatron_kimi.rl.types import Sample
-from megatron_kimi.training.lm_step import packed_to_device
+from megatron_kimi.rl.images import pack_images
+from megatron_kimi.training.lm_step import image_kwargs, packed_to_device
 
 
 def _loss_mask(n_prompt: int, n: int) -> List[float]:
@@ -105,6 +106,9 @@ def pack_samples(samples: Sequence[Sample], order: Sequence[int], capacity: int,
         pack["adv"] = torch.tensor([float(adv[i]) for i in b] or [0.0], dtype=torch.float32)
         pack["ref_logp"] = torch.tensor([float(samples[i].ref_logp or 0.0) for i in b] or [0.0], dtype=torch.float32)
         pack["valid"] = torch.tensor([1.0] * n or [0.0])
+        images = pack_images(samples, b, capacity) if b else None
+        if images is not None:
+            pack["images"] = images
         if all(samples[i].ref_token_logp is not None for i in b):
             pack["old_logp"] = _old_logp(pack["loss_mask"], [samples[i].ref_token_logp for i in b])
         out.append(pack)
@@ -122,7 +126,7 @@ def _token_ce(model, batch):
     device = next(model.parameters()).device
     packed = packed_to_device(batch["packed_seq_params"], device)
     ce_1T = model(batch["tokens"].to(device), batch["position_ids"].to(device), None,
-                  labels=batch["labels"].to(device), packed_seq_params=packed)
+                  labels=batch["labels"].to(device), packed_seq_params=packed, **image_kwargs(batch, device))
     return ce_1T[0].float(), batch["loss_mask"][0].to(device), packed, device
 
 

@@ -14,7 +14,7 @@ from megatron_kimi.data.chat_synth import is_heldout
 from megatron_kimi.data.jsonl import BadLines, read_jsonl
 from megatron_kimi.rl.types import Prompt
 
-_FIELDS = {"prompt", "answer", "kind", "tests", "difficulty"}
+_FIELDS = {"prompt", "answer", "kind", "tests", "difficulty", "images"}
 
 
 # Built-in rewards that score against a reference: a prompt for them without one could only ever
@@ -36,13 +36,17 @@ def parse_prompt(obj, reward: Optional[str]) -> Prompt:
     answer = obj.get("answer")
     if answer is not None and (isinstance(answer, (dict, list)) or not str(answer).strip()):
         raise ValueError(f"'answer' must be a non-empty string or number, got {answer!r}")
+    images = obj.get("images")
+    if images is not None and not (isinstance(images, list) and images and all(isinstance(i, str) for i in images)):
+        raise ValueError("'images' must be a non-empty list of strings (paths or base64)")
     scored_by = reward or kind
     if scored_by in _NEEDS_ANSWER and answer is None:
         raise ValueError(f"no 'answer' (the {scored_by!r} reward compares against it)")
     if scored_by == "code" and not tests:
         raise ValueError("no 'tests' (the 'code' reward runs them)")
     return Prompt(prompt=obj["prompt"], answer=None if answer is None else str(answer), kind=kind, tests=tests,
-                  difficulty=obj.get("difficulty"), metadata={k: v for k, v in obj.items() if k not in _FIELDS})
+                  difficulty=obj.get("difficulty"), metadata={k: v for k, v in obj.items() if k not in _FIELDS},
+                  images=images)
 
 
 def load_prompts(path: str | Path, on_error: str = "raise", bad: Optional[BadLines] = None,
@@ -55,6 +59,9 @@ def load_prompts(path: str | Path, on_error: str = "raise", bad: Optional[BadLin
     if not path.is_file():
         raise ValueError(f"prompts file {path} does not exist")
     out = [p for _, p in read_jsonl(path, lambda obj: parse_prompt(obj, reward), on_error, bad)]
+    for p in out:
+        if p.images:  # relative image paths are relative to the prompts file
+            p.metadata.setdefault("image_dir", str(path.resolve().parent))
     if not out:
         skipped = f", {bad.count} bad line(s) skipped" if bad is not None and bad.count else ""
         raise ValueError(f"{path}: no prompts (empty dataset{skipped})")
@@ -103,13 +110,21 @@ def _load_prompts_reporting(path: str, cfg) -> List[Prompt]:
 def load_prompt_sets(cfg) -> Tuple[List[Prompt], List[Prompt]]:
     """(training prompts, held-out prompts) of an RL run (``cfg``: an RLConfig): ``data.eval_prompts``,
     else a disjoint built-in set, else the last ``data.eval_size`` prompts of the file."""
+    from megatron_kimi.rl.images import BUILTIN_IMAGE_PROMPTS, image_count_prompts
+
     d = cfg.data
-    train = (arithmetic_prompts(4000, cfg.training.seed, heldout=False) if d.prompts == BUILTIN
-             else _load_prompts_reporting(d.prompts, cfg))
+    if d.prompts == BUILTIN:
+        train = arithmetic_prompts(4000, cfg.training.seed, heldout=False)
+    elif d.prompts == BUILTIN_IMAGE_PROMPTS:
+        train = image_count_prompts(2000, cfg.training.seed)
+    else:
+        train = _load_prompts_reporting(d.prompts, cfg)
     if d.eval_prompts:
         held = _load_prompts_reporting(d.eval_prompts, cfg)
     elif d.prompts == BUILTIN:  # seed + 1: not the training set's stream (the splits are disjoint anyway)
         held = arithmetic_prompts(d.eval_size, cfg.training.seed + 1, heldout=True)
+    elif d.prompts == BUILTIN_IMAGE_PROMPTS:  # other random images (seed + 1): none is a training image
+        held = image_count_prompts(d.eval_size, cfg.training.seed + 1)
     else:
         held = train[-d.eval_size:]
         train = train[:-d.eval_size] or train

@@ -24,7 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_kimi.model.vision.vlm import ImageInputs
 from megatron_kimi.rl.data import prompt_token_ids
+from megatron_kimi.rl.images import PromptImages
 from megatron_kimi.rl.partial import ReplayBuffer, Trajectory, loss_start
 from megatron_kimi.rl.scoring import AsyncScorer
 from megatron_kimi.rl.shaping import RepeatDetector
@@ -48,10 +50,20 @@ class SampleGenerator:
     """Turns prompts into samples with a backend (``cfg``: the ``rollout:`` section). The backend's
     lifecycle (resume / release) is the caller's."""
 
-    def __init__(self, tokenizer, cfg, stop_ids: Sequence[int]):
+    def __init__(self, tokenizer, cfg, stop_ids: Sequence[int], images: Optional[PromptImages] = None):
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.stop_ids = tuple(stop_ids)
+        self.images = images  # a VLM: prompts with images (rl/images.py)
+
+    def encode(self, prompt: Prompt) -> Tuple[List[int], Optional[ImageInputs]]:
+        """The prompt's token ids and, for an image prompt, its images."""
+        if self.images is not None:
+            return self.images.encode(prompt)
+        if prompt.images:
+            raise ValueError(f"prompt {prompt.prompt[:60]!r} has images but the model has no vision tower "
+                             "(model.vision)")
+        return prompt_token_ids(self.tokenizer, prompt), None
 
     def sample(self, backend: RolloutBackend, iteration: int, prompts: List[Prompt], k: int,
                scorer: Optional[AsyncScorer] = None) -> RolloutBatch:
@@ -150,10 +162,11 @@ class SampleGenerator:
         (never trained on; a group keeps its other samples, so its baseline is the mean of what came back)."""
         dp_rank = parallel_state.get_data_parallel_rank()
         dp = parallel_state.get_data_parallel_world_size()
-        ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
+        encoded = [self.encode(p) for p in prompts]
+        ids = [e[0] for e in encoded]
         mine: List[Tuple[int, int]] = [(pi, j) for pi in range(len(prompts)) if pi % dp == dp_rank for j in range(k)]
-        requests = [GenerationRequest(request_id=f"{pi}/{j}", prompt_ids=ids[pi], params=params_for(pi, j))
-                    for pi, j in mine]
+        requests = [GenerationRequest(request_id=f"{pi}/{j}", prompt_ids=ids[pi], params=params_for(pi, j),
+                                      images=encoded[pi][1]) for pi, j in mine]
         position = {r.request_id: n for n, r in enumerate(requests)}
         local: List[Optional[Sample]] = [None] * len(mine)
 
@@ -162,7 +175,7 @@ class SampleGenerator:
             return Sample(prompt_index=pi, prompt=prompts[pi], prompt_ids=ids[pi], response_ids=list(res.output_ids),
                           response=self.tokenizer.decode(res.output_ids, skip_special_tokens=True),
                           sampler_logprobs=list(res.logprobs), finish_reason=res.finish_reason,
-                          entropy=res.mean_entropy)
+                          entropy=res.mean_entropy, images=encoded[pi][1])
 
         def finished(res: GenerationResult) -> None:
             n = position[res.request_id]

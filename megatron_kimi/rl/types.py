@@ -19,6 +19,7 @@ class Prompt:
     tests: Optional[List[dict]] = None  # code: [{"input": ..., "output": ...}]
     difficulty: Optional[float] = None
     metadata: Dict = field(default_factory=dict)
+    images: Optional[List[str]] = None  # a VLM's image prompt: paths (relative to the file) or base64 (rl/images.py)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Sample:
     # weight version (iteration) that generated each response token.
     loss_start: int = 0
     weight_versions: Optional[List[int]] = None
+    images: Optional[object] = None  # the prompt's ImageInputs (token_index over prompt_ids; rl/images.py)
 
     @property
     def response_length(self) -> int:

@@ -52,6 +52,9 @@ class GenerationRequest:
     request_id: object
     prompt_ids: List[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # A VLM prompt's images (model/vision/vlm.py ImageInputs; token_index_BS [1, len(prompt_ids)]: the
+    # feature row each placeholder takes, -1 for text). The built-in engine prefills their features.
+    images: Optional[object] = None
 
 
 @dataclass
@@ -252,7 +255,8 @@ class GenerationEngine:
                     batch.append(waiting.popleft())
                 t0 = time.perf_counter()
                 slot0 = len(active)
-                logits = self.runner.prefill(cache, [s.prompt for s in batch], slot0)
+                logits = self.runner.prefill(cache, [s.prompt for s in batch], slot0,
+                                             images=[s.req.images for s in batch])
                 for s in batch:
                     s.length = len(s.prompt)
                 active.extend(batch)

@@ -285,8 +285,35 @@ class MegatronRunner:
 
     # ------------------------------------------------------------------ forwards
 
-    def prefill(self, cache: SlotKVCache, prompts: Sequence[Sequence[int]], slot0: int) -> torch.Tensor:
-        """Run the prompts (into slots ``slot0..slot0+K-1``, empty before); logits of each last token [K, V]."""
+    def image_embeddings(self, x_TH: torch.Tensor, lens: Sequence[int], images: Sequence) -> torch.Tensor:
+        """``x`` with the prompts' image features at their placeholder positions (a VLM: the tower and
+        projector of the same model, on its current weights). ``images[k]``: prompt k's ImageInputs or None."""
+        from megatron_kimi.model.vision.vlm import ImageInputs, KimiVLModel
+
+        if not isinstance(self.gpt, KimiVLModel):
+            raise ValueError("a request has images but the model has no vision tower (model.vision)")
+        pix, grids, index, rows = [], [], [], 0
+        for n, im in zip(lens, images):
+            if im is not None:
+                idx = im.token_index_BS.reshape(-1).to(x_TH.device)
+                assert idx.numel() == n, (idx.numel(), n)
+                pix.append(im.pixel_values_N3PP)
+                grids.append(im.grid_thw)
+                index.append(torch.where(idx >= 0, idx + rows, idx))
+                rows += int(im.grid_thw.prod(-1).sum()) // self.gpt.vision.merge_kernel_size ** 2
+            else:
+                index.append(torch.full((n,), -1, dtype=torch.long, device=x_TH.device))
+        features_MH = self.gpt.image_features(ImageInputs(torch.cat(pix).to(x_TH.device), torch.cat(grids)))
+        index_T = torch.cat(index)
+        assert features_MH.shape[0] == rows, (features_MH.shape, rows)
+        x_TH = x_TH.clone()
+        x_TH[index_T >= 0] = features_MH[index_T[index_T >= 0]].to(x_TH.dtype)
+        return x_TH
+
+    def prefill(self, cache: SlotKVCache, prompts: Sequence[Sequence[int]], slot0: int,
+                images: Optional[Sequence] = None) -> torch.Tensor:
+        """Run the prompts (into slots ``slot0..slot0+K-1``, empty before); logits of each last token [K, V].
+        ``images``: per prompt, its ImageInputs or None (a VLM's image prompts)."""
         dev = self.device
         lens = [len(p) for p in prompts]
         K, P, T = len(prompts), max(lens), sum(lens)
@@ -302,6 +329,8 @@ class MegatronRunner:
             sin = self.sin[pos].view(T, 1, 1, self.rot)
         cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
         x = self.embed(ids, pos)
+        if images is not None and any(im is not None for im in images):
+            x = self.image_embeddings(x, lens, images)
         hq, d = self.heads, self.head_dim
         for li, lay in enumerate(self.layers):
             qkv = self._qkv(lay, x)

@@ -83,3 +83,24 @@ def test_planner_against_a_measured_cpu_run(tmp_path, recompute, tol):
     assert m["static_mib"] == pytest.approx(m["planned_static_mib"], rel=0.02)
     assert m["step_peak_mib"] == pytest.approx(m["planned_peak_mib"], rel=tol), m
     assert m["step_peak_mib"] * 1.0 > 50  # big enough to be a measurement, not noise
+
+
+def test_vision_tower_is_planned():
+    """A VLM's plan has a ``vision`` part: the tower's static bytes by hand, activations linear in patches."""
+    from megatron_kimi.config import ModelConfig, RecomputeConfig
+    from megatron_kimi.model.flops import vision_num_params
+    from megatron_kimi.model.memory import Layout, plan
+    from megatron_kimi.model.vision.config import VisionConfig
+
+    v = VisionConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4)
+    m = ModelConfig(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, vision=v)
+    lay = Layout(tp=1, pp=1, cp=1, dp=1)
+    text_only = plan(ModelConfig(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4),
+                     256, lay, 64, "bf16", RecomputeConfig(), 1)
+    none = plan(m, 256, lay, 64, "bf16", RecomputeConfig(), 1, image_patches=0)
+    some = plan(m, 256, lay, 64, "bf16", RecomputeConfig(), 1, image_patches=100)
+    assert "vision" not in text_only.parts
+    assert none.parts["vision"] == vision_num_params(m) * (2 + 4 + 12)  # bf16 weights, fp32 grads, Adam + master
+    assert some.parts["vision"] - none.parts["vision"] == 2 * (8 * 64 + 2 * 128) * 4 * 100
+    worst = plan(m, 256, lay, 64, "bf16", RecomputeConfig(), 1)  # default: every token an image token
+    assert worst.parts["vision"] - none.parts["vision"] == 2 * (8 * 64 + 2 * 128) * 4 * 64 * 4

@@ -159,8 +159,11 @@ class VisionTower(MegatronModule):
         key = (n, str(device))
         if key not in self._resample:
             G = self.vision.position_grid_size
-            eye = torch.eye(G, dtype=torch.float32, device=device)[None, None]
-            self._resample[key] = F.interpolate(eye, size=(n, G), mode="bicubic", align_corners=False)[0, 0]
+            # A plain tensor even when first built under the rollout engine's inference mode: training
+            # reuses it, and autograd cannot save inference tensors.
+            with torch.inference_mode(False), torch.no_grad():
+                eye = torch.eye(G, dtype=torch.float32, device=device)[None, None]
+                self._resample[key] = F.interpolate(eye, size=(n, G), mode="bicubic", align_corners=False)[0, 0]
         return self._resample[key]
 
     def position_embeddings(self, hw: list[Tuple[int, int]]) -> torch.Tensor:
