@@ -630,7 +630,7 @@ def validate_model(m: ModelConfig, p: ParallelConfig) -> None:
         + (f" x parallel.virtual_pipeline={p.virtual_pipeline}" if p.virtual_pipeline else ""),
     )
     _check(0.0 <= m.hidden_dropout < 1 and 0.0 <= m.attention_dropout < 1, "dropout must be in [0, 1)")
-    bad = m.vision.layout_error(p.tensor, p.context) if m.vision is not None else None
+    bad = m.vision.layout_error(p.tensor) if m.vision is not None else None
     _check(bad is None, str(bad))
 
 

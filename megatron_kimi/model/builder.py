@@ -152,12 +152,19 @@ def build_model_chunks(model: ModelConfig, config: TransformerConfig, vocab_size
     te = use_transformer_engine(model)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
+    own_group = None
+    if model.vision is not None and config.context_parallel_size > 1:
+        # collective (every rank builds its chunks): one single-rank group per rank, for the tower
+        import torch.distributed as dist
+
+        own_group, _ = dist.new_subgroups(group_size=1)
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         # With model.vision: the VLM, whose first-stage chunk also holds the tower and projector.
-        cls, extra = ((KimiVLModel, {"vision": model.vision, "attention_impl": model.attention_impl})
+        cls, extra = ((KimiVLModel, {"vision": model.vision, "attention_impl": model.attention_impl,
+                                     "own_group": own_group})
                       if model.vision is not None else (KimiGPTModel, {}))
         chunk = cls(
             config=config,

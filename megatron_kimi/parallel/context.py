@@ -22,12 +22,17 @@ to their owners by the all-gather's backward (a reduce-scatter), nothing hand-wr
 Llama 3 trains 128k with the same all-gather CP for the same reasons. The attention call itself is
 :func:`megatron_kimi.model.packed_attention.packed_attention` (Triton on GPU, PyTorch on CPU).
 
+**Images (a VLM).** A micro-batch's ``images`` are not split: every CP rank runs the whole vision
+tower and takes, through the per-token feature index (split here like the tokens), the feature rows of
+its own placeholder positions; the tower's grads are then summed over DP×CP by DDP like the LM's.
+
 Loss and token counts need nothing here: per-token losses are summed and the counts all-reduced
 over data-parallel × CP by Megatron (``calculate_per_token_loss``), and DDP reduces grads over DP×CP.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Dict, List, Tuple
 
@@ -87,6 +92,12 @@ def split_batch_for_cp(batch: Dict[str, object], cp_size: int, cp_rank: int) -> 
     for key in _SPLIT_KEYS:
         if key in batch and batch[key] is not None:
             out[key] = batch[key].index_select(-1, idx.to(batch[key].device))
+    images = batch.get("images")
+    if images is not None:
+        if images.token_index_BS is None:
+            raise ValueError("context parallelism: images need a per-token feature index (token_index_BS)")
+        out["images"] = dataclasses.replace(images, token_index_BS=images.token_index_BS.index_select(
+            -1, idx.to(images.token_index_BS.device)))
     return out
 
 

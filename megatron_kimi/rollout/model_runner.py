@@ -285,9 +285,11 @@ class MegatronRunner:
 
     # ------------------------------------------------------------------ forwards
 
-    def image_embeddings(self, x_TH: torch.Tensor, lens: Sequence[int], images: Sequence) -> torch.Tensor:
+    def image_embeddings(self, x_TH: torch.Tensor, pos_T: torch.Tensor, lens: Sequence[int],
+                         images: Sequence) -> torch.Tensor:
         """``x`` with the prompts' image features at their placeholder positions (a VLM: the tower and
-        projector of the same model, on its current weights). ``images[k]``: prompt k's ImageInputs or None."""
+        projector of the same model, on its current weights; plus the learned absolute position, as the
+        trainer adds it after the splice). ``images[k]``: prompt k's ImageInputs or None."""
         from megatron_kimi.model.vision.vlm import ImageInputs, KimiVLModel
 
         if not isinstance(self.gpt, KimiVLModel):
@@ -306,8 +308,12 @@ class MegatronRunner:
         features_MH = self.gpt.image_features(ImageInputs(torch.cat(pix).to(x_TH.device), torch.cat(grids)))
         index_T = torch.cat(index)
         assert features_MH.shape[0] == rows, (features_MH.shape, rows)
+        at = index_T >= 0
+        rows_TH = features_MH[index_T[at]].to(x_TH.dtype)
+        if self.position_embeddings is not None:
+            rows_TH = rows_TH + self.position_embeddings(pos_T[at])
         x_TH = x_TH.clone()
-        x_TH[index_T >= 0] = features_MH[index_T[index_T >= 0]].to(x_TH.dtype)
+        x_TH[at] = rows_TH
         return x_TH
 
     def prefill(self, cache: SlotKVCache, prompts: Sequence[Sequence[int]], slot0: int,
@@ -330,7 +336,7 @@ class MegatronRunner:
         cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)
         x = self.embed(ids, pos)
         if images is not None and any(im is not None for im in images):
-            x = self.image_embeddings(x, lens, images)
+            x = self.image_embeddings(x, pos, lens, images)
         hq, d = self.heads, self.head_dim
         for li, lay in enumerate(self.layers):
             qkv = self._qkv(lay, x)

@@ -9,7 +9,8 @@ converter). Here, on spawned gloo ranks with a tiny random VLM (fp32):
   logits (no attention across samples in the tower or in the LM);
 * a text loss gives every tower and projector parameter a gradient; frozen parts get none and are not
   in the optimizer; a placeholder count that does not match the images is a clear error;
-* TP=2 gives the TP=1 tower output and logits.
+* TP=2 gives the TP=1 tower output and logits; CP=2 (every CP rank runs the whole tower, each splices
+  its own placeholder positions) gives the CP=1 loss and tower gradients.
 """
 
 from __future__ import annotations
@@ -25,21 +26,22 @@ IMAGE_TOKEN = 120
 GRIDS = [[1, 4, 6], [1, 2, 2], [1, 6, 4]]  # (t, h, w) in patches; merged tokens 6, 1, 6
 
 
-def _model_section(**vision):
-    return {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_query_groups": 2,
-            "vocab_size": 128, "tie_word_embeddings": False, "max_position_embeddings": 256,
+def _model_section(model_extra=None, **vision):
+    return {**(model_extra or {}), "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_query_groups": 2,
+            "vocab_size": 128, "tie_word_embeddings": False, "max_position_embeddings": 512,
             "vision": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 2,
                        "position_grid_size": 8, "image_token_id": IMAGE_TOKEN, **vision}}
 
 
-def _build(tp: int, **vision):
-    """Initialised chunks (layout-independent init: the same weights at TP1 and TP2)."""
+def _build(tp: int, cp: int = 1, model_extra=None, **vision):
+    """Initialised chunks (layout-independent init: the same weights at TP1, TP2 and CP2)."""
     from megatron_kimi.config import TrainConfig, build_config
     from megatron_kimi.model.builder import build_model_chunks, padded_vocab_size, transformer_config
     from megatron_kimi.model.init import init_weights
     from megatron_kimi.training.runtime import initialize
 
-    cfg = build_config(TrainConfig, {"model": _model_section(**vision), "parallel": {"tensor": tp},
+    cfg = build_config(TrainConfig, {"model": _model_section(model_extra, **vision),
+                                     "parallel": {"tensor": tp, "context": cp},
                                      "training": {"seq_length": 64, "micro_batch_size": 1, "global_batch_size": 1,
                                                   "steps": 1}})
     initialize(cfg)
@@ -210,3 +212,83 @@ def test_parameter_count_includes_the_tower():
     """model/flops.py's count (the one MFU and the benchmarks use) against the built VLM."""
     built, counted = run_distributed(_count_body, 1)[0]
     assert built == counted
+
+
+def _cp_body(rank, world_size, tp=1, sp=False):
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_kimi.platform import cpu_emulation
+
+    cpu_emulation.activate()
+    import torch.distributed as dist
+
+    from megatron_kimi.model.vision.vlm import ImageInputs, placeholder_index
+    from megatron_kimi.parallel.context import split_batch_for_cp
+    from megatron_kimi.training.runtime import shutdown
+
+    cp = world_size // tp
+    _, chunks = (_build(tp, cp=cp) if not sp else _build_sp(tp))
+    model = chunks[0]
+    try:
+        pix, grid = _images(GRIDS)
+        g = torch.Generator().manual_seed(8)
+        s0, s1 = torch.randint(0, 100, (16,), generator=g), torch.randint(0, 100, (12,), generator=g)
+        s0[1:7] = IMAGE_TOKEN  # image 0 (6 merged tokens) straddles the zig-zag chunks of sample 0
+        s0[9] = IMAGE_TOKEN  # image 1
+        s1[4:10] = IMAGE_TOKEN  # image 2
+        tokens = torch.cat([s0, s1])[None]
+        cu = torch.tensor([0, 16, 28], dtype=torch.int32)
+        batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1).clamp(max=99),
+                 "loss_mask": torch.ones(1, 28), "position_ids": torch.cat([torch.arange(16), torch.arange(12)])[None],
+                 "packed_seq_params": PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                      cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+                                                      max_seqlen_q=16, max_seqlen_kv=16),
+                 "images": ImageInputs(pix, grid, placeholder_index(tokens, IMAGE_TOKEN, 13))}
+        mine = split_batch_for_cp(batch, cp, parallel_state.get_context_parallel_rank())
+        ce = model(mine["tokens"], mine["position_ids"], None, labels=mine["labels"],
+                   packed_seq_params=mine["packed_seq_params"], images=mine["images"])
+        loss = (ce * mine["loss_mask"]).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()
+                 if n.startswith("vision") and p.grad is not None}
+        if tp > 1:  # TP-sharded tensors differ per rank: compare the replicated ones
+            grads = {n: g for n, g in grads.items() if "patch_embed" in n or "position_embedding" in n
+                     or "norm" in n}
+        if cp > 1:
+            group = parallel_state.get_context_parallel_group()
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=group)
+            for t in grads.values():
+                dist.all_reduce(t, group=group)
+        return loss.item(), grads
+    finally:
+        shutdown()
+
+
+def _build_sp(tp):
+    from megatron_kimi.config import TrainConfig, build_config
+    from megatron_kimi.model.builder import build_model_chunks, padded_vocab_size, transformer_config
+    from megatron_kimi.model.init import init_weights
+    from megatron_kimi.training.runtime import initialize
+
+    cfg = build_config(TrainConfig, {"model": _model_section(), "parallel": {"tensor": tp, "sequence_parallel": True},
+                                     "training": {"seq_length": 64, "micro_batch_size": 1, "global_batch_size": 1,
+                                                  "steps": 1}})
+    initialize(cfg)
+    tf = transformer_config(cfg.model, cfg.parallel, cfg.precision)
+    chunks = build_model_chunks(cfg.model, tf, padded_vocab_size(128, cfg.model.make_vocab_size_divisible_by, tp))
+    init_weights(chunks, seed=3, std=0.2, num_layers=2)
+    return cfg, chunks
+
+
+@pytest.mark.parametrize("layout", ["cp2", "tp2_sp"])
+def test_context_and_sequence_parallel_splice_their_own_positions(layout):
+    """CP2: each CP rank splices its zig-zag share; TP2+SP: splice first, then the sequence split."""
+    loss1, grads1 = run_distributed(_cp_body, 1)[0]
+    kwargs = {"cp2": {}, "tp2_sp": {"tp": 2, "sp": True}}[layout]
+    for loss2, grads2 in run_distributed(_cp_body, 2, *kwargs.values()):
+        assert abs(loss2 - loss1) < 1e-4 * abs(loss1), (loss1, loss2)
+        assert set(grads2) <= set(grads1) and len(grads2) > (20 if layout == "cp2" else 6)
+        for name, g in grads2.items():
+            torch.testing.assert_close(g, grads1[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

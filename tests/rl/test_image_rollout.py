@@ -49,7 +49,7 @@ def test_prompt_encoding_expands_each_image_to_its_grid(tmp_path):
         enc.encode(Prompt(prompt="<|image|>?", images=p.images))
 
 
-def _engine_body(rank, world_size, cache_dir):
+def _engine_body(rank, world_size, cache_dir, position_embedding_type):
     from megatron_kimi.platform import cpu_emulation
 
     cpu_emulation.activate()
@@ -65,7 +65,7 @@ def _engine_body(rank, world_size, cache_dir):
     tok = load_tokenizer("builtin:char", cache_dir)
     enc = _encoder(tok)
     assert len(tok) <= 128
-    _, chunks = _build(1)
+    _, chunks = _build(1, model_extra={"position_embedding_type": position_embedding_type})
     model = chunks[0].eval()
     try:
         prompts = image_count_prompts(3, seed=1) + [Prompt(prompt="3+4=")]
@@ -104,17 +104,18 @@ def _engine_body(rank, world_size, cache_dir):
         samples = [Sample(prompt_index=i, prompt=p, prompt_ids=e[0], response_ids=list(r.output_ids), response="",
                           sampler_logprobs=list(r.logprobs), finish_reason=r.finish_reason, images=e[1])
                    for i, (p, e, r) in enumerate(zip(prompts, encoded, results))]
-        packs = pack_samples(samples, list(range(4)), 200 * 4, tok.pad_token_id, 0, 1, torch.zeros(4))
+        packs = pack_samples(samples, list(range(4)), 400, tok.pad_token_id, 0, 1, torch.zeros(4))
         assert len(packs) == 1 and "images" in packs[0]
-        ref, _ = reference_logprobs([model], packs, samples, 200 * 4)
+        ref, _ = reference_logprobs([model], packs, samples, 400)
         out["pack_vs_engine"] = max(abs(ref[i].item() - sum(r.logprobs)) for i, r in enumerate(results))
         return out
     finally:
         shutdown()
 
 
-def test_engine_prefills_images_like_the_trainer(tmp_path):
-    out = run_distributed(_engine_body, 1, str(tmp_path))[0]
+@pytest.mark.parametrize("position_embedding_type", ["rope", "learned_absolute"])
+def test_engine_prefills_images_like_the_trainer(tmp_path, position_embedding_type):
+    out = run_distributed(_engine_body, 1, str(tmp_path), position_embedding_type)[0]
     assert max(out["diffs"]) < 1e-4, out["diffs"]
     assert out["changed"] is True
     assert out["pack_vs_engine"] < 1e-4

@@ -47,11 +47,8 @@ class VisionConfig:
             raise ValueError("model.vision: freeze_tower, freeze_projector and freeze_lm all true leave nothing "
                              "to train")
 
-    def layout_error(self, tensor: int, context: int) -> Optional[str]:
-        """Why this tower cannot run at TP=tensor / CP=context (None: it can)."""
-        if context > 1:
-            return ("model.vision: context parallelism is not supported with a vision tower yet "
-                    "(parallel.context must be 1)")
+    def layout_error(self, tensor: int) -> Optional[str]:
+        """Why this tower cannot run at TP=tensor (None: it can). Any CP: the tower is not CP-split."""
         for name in ("num_attention_heads", "ffn_hidden_size"):
             if getattr(self, name) % tensor:
                 return f"model.vision.{name}={getattr(self, name)} is not divisible by parallel.tensor={tensor}"

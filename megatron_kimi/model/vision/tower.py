@@ -21,8 +21,9 @@ with atomics).
 
 Parallelism: tensor-parallel inside the block (column/row-parallel linears); the patch embedding, the
 grid and the norms are replicated (their inputs are the same on every TP rank, so are their grads). The
-tower has no sequence or context parallelism (images are short next to the text) and lives on the first
-pipeline stage only (``megatron_kimi/model/vision/vlm.py``).
+tower has no sequence or context parallelism (images are short next to the text: under CP every CP rank
+runs the whole tower and keeps the features of its own placeholder positions, see parallel/context.py)
+and lives on the first pipeline stage only (``megatron_kimi/model/vision/vlm.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -131,7 +133,10 @@ def merge_index(hw: list[Tuple[int, int]], merge: int, device) -> torch.Tensor:
 class VisionTower(MegatronModule):
     """``pixel_values [N, 3, P, P]`` + ``grid_thw [n, 3]`` -> merged patch features ``[M, merge**2, D]``."""
 
-    def __init__(self, config: TransformerConfig, vision: VisionConfig, attention_impl: str = "auto"):
+    def __init__(self, config: TransformerConfig, vision: VisionConfig, attention_impl: str = "auto",
+                 own_group=None):
+        """``own_group``: a process group of this rank alone, needed under context parallelism (the
+        tower is not CP-split, but Megatron's THD RoPE divides by the size of the CP group it is given)."""
         super().__init__(config=config)
         self.vision = vision
         on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization
@@ -139,7 +144,12 @@ class VisionTower(MegatronModule):
         D, P, G = vision.hidden_size, vision.patch_size, vision.position_grid_size
         self.patch_embed = torch.nn.Conv2d(3, D, kernel_size=P, stride=P, device=device, dtype=config.params_dtype)
         self.position_embedding = torch.nn.Parameter(torch.zeros(G, G, D, device=device, dtype=config.params_dtype))
+        pgs = ProcessGroupCollection.use_mpu_process_groups()
+        if pgs.cp is not None and pgs.cp.size() > 1:
+            assert own_group is not None and own_group.size() == 1, "the tower under CP needs a one-rank group"
+            pgs.cp = own_group
         self.decoder = TransformerBlock(
+            pg_collection=pgs,
             config=config,
             spec=TransformerBlockSubmodules(layer_specs=[vision_layer_spec(attention_impl)] * vision.num_layers,
                                             layer_norm=LayerNorm),

@@ -4,7 +4,7 @@ Image features enter where the text has image placeholder tokens: the projected 
 those tokens' word embeddings, in order, before the embeddings are split for sequence parallelism
 (and the micro-batch was split for context parallelism upstream, which is why a per-token index into
 the features, not the placeholder count, decides which feature goes where: see
-:class:`ImageInputs`). Everything after the embedding is the LM's own code path, so TP/PP/SP, the
+:class:`ImageInputs`; every CP rank runs the whole tower). Everything after the embedding is the LM's own code path, so TP/PP/SP, the
 fused LM head and the checkpoint keys of the LM are unchanged; the tower adds ``vision_model.*`` and
 ``vision_projection.*`` keys on the first pipeline stage.
 """
@@ -71,20 +71,21 @@ def splice_features(embeds_BSH: torch.Tensor, features_MH: torch.Tensor, token_i
 class KimiVLModel(KimiGPTModel):
     """``KimiGPTModel`` whose ``forward`` also takes ``images=ImageInputs`` (first pipeline stage)."""
 
-    def __init__(self, *args, vision: VisionConfig, attention_impl: str = "auto", **kwargs):
+    def __init__(self, *args, vision: VisionConfig, attention_impl: str = "auto", own_group=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.vision = vision
         if self.pre_process:
-            self.vision_model = VisionTower(vision_transformer_config(vision, self.config), vision, attention_impl)
+            self.vision_model = VisionTower(vision_transformer_config(vision, self.config), vision, attention_impl,
+                                            own_group)
             self.vision_projection = VisionProjector(projector_transformer_config(vision, self.config), vision)
 
     def image_features(self, images: ImageInputs) -> torch.Tensor:
         """Projected features ``[M, H]`` of the micro-batch's images, in placeholder order."""
         return self.vision_projection(self.vision_model(images.pixel_values_N3PP, images.grid_thw))
 
-    def embed(self, input_ids_BS: torch.Tensor, images: ImageInputs) -> torch.Tensor:
-        """Word embeddings with image features spliced in -> ``[s(/tp under SP), b, h]``, as
-        ``LanguageModelEmbedding.forward`` returns them (the LM uses RoPE: no position embedding)."""
+    def embed(self, input_ids_BS: torch.Tensor, position_ids_BS: torch.Tensor, images: ImageInputs) -> torch.Tensor:
+        """Word embeddings with image features spliced in (plus learned absolute positions, if any) ->
+        ``[s(/tp under SP), b, h]``, as ``LanguageModelEmbedding.forward`` returns them."""
         features_MH = self.image_features(images)
         index_BS = images.token_index_BS
         if index_BS is None:
@@ -95,14 +96,23 @@ class KimiVLModel(KimiGPTModel):
         # Placeholder ids may lie outside the vocab (HF's image token id does): embed them as 0, then replace.
         ids_BS = torch.where(index_BS >= 0, torch.zeros_like(input_ids_BS), input_ids_BS)
         emb = self.embedding
-        assert not emb.add_position_embedding and emb.tokentype_embeddings is None
-        assert not emb.reduce_scatter_embeddings
-        x_BSH = splice_features(emb.word_embeddings(ids_BS), features_MH, index_BS)
+        assert emb.tokentype_embeddings is None
+        # Under SP Megatron's word embedding reduce-scatters its output straight into sequence shards:
+        # here the whole [b, s, h] (all-reduced) is needed first, to splice; the scatter follows below.
+        words = emb.word_embeddings
+        fused, words.reduce_scatter_embeddings = words.reduce_scatter_embeddings, False
+        try:
+            x_BSH = splice_features(words(ids_BS), features_MH, index_BS)
+        finally:
+            words.reduce_scatter_embeddings = fused
+        if emb.add_position_embedding:
+            x_BSH = x_BSH + emb.position_embeddings(position_ids_BS)
         x_SBH = x_BSH.transpose(0, 1).contiguous()
         if self.config.fp32_residual_connection:
             x_SBH = x_SBH.float()
         if self.config.sequence_parallel:
-            x_SBH = tensor_parallel.scatter_to_sequence_parallel_region(x_SBH, group=emb.tp_group)
+            if emb.scatter_to_sequence_parallel or emb.reduce_scatter_embeddings:
+                x_SBH = tensor_parallel.scatter_to_sequence_parallel_region(x_SBH, group=emb.tp_group)
             if self.config.clone_scatter_output_in_embedding:
                 x_SBH = x_SBH.clone()
             with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -112,7 +122,7 @@ class KimiVLModel(KimiGPTModel):
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args,
                 images: Optional[ImageInputs] = None, **kwargs):
         if images is not None and self.pre_process and decoder_input is None:
-            decoder_input = self.embed(input_ids, images)
+            decoder_input = self.embed(input_ids, position_ids, images)
         return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, *args, **kwargs)
 
 
