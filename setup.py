@@ -24,6 +24,7 @@ core = [
     "einops",
     "packaging",
     "matplotlib",  # the RL run's PNG plot
+    "pillow",  # image decoding for the vision tower's data (megatron_kimi/data/images.py)
     "math-verify>=0.9,<0.10",  # the math reward's verifier (megatron_kimi/rl/rewards.py)
 ]
 

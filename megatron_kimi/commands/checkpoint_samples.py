@@ -88,7 +88,7 @@ def checkpoint_sampler(cfg: RLConfig, temperature: float, label: str) -> Iterato
     weights are loaded: call :meth:`CheckpointSampler.load`."""
     import torch.distributed as dist
 
-    from megatron_kimi.commands.rl import stop_token_ids
+    from megatron_kimi.commands.rl import prompt_images, stop_token_ids
     from megatron_kimi.data.tokenizer import load_tokenizer
     from megatron_kimi.model.sharding import unwrap
     from megatron_kimi.rl.generation import SampleGenerator
@@ -102,12 +102,13 @@ def checkpoint_sampler(cfg: RLConfig, temperature: float, label: str) -> Iterato
             load_tokenizer(cfg.data.tokenizer, cache)
         dist.barrier()
         tokenizer = load_tokenizer(cfg.data.tokenizer, cache)
+        images = prompt_images(cfg, tokenizer)
         # Built as `rl` builds it (same modules, layout and checkpoint keys); only the weights are loaded.
         bundle = build_training_bundle(cfg, len(tokenizer), total_steps=1)
         engine = GenerationEngine(unwrap(bundle.model[0]), max_batch_size=cfg.rollout.max_batch_size,
                                   max_seq_len=cfg.training.seq_length, eos_token_id=tokenizer.eos_token_id)
         rollout = dataclasses.replace(cfg.rollout, temperature=temperature)
-        generator = SampleGenerator(tokenizer, rollout, stop_token_ids(tokenizer))
+        generator = SampleGenerator(tokenizer, rollout, stop_token_ids(tokenizer), images)
         engine.resume()
         yield CheckpointSampler(cfg, ctx, bundle, engine, generator, label)
         engine.close()

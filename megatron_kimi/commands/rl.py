@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch.distributed as dist
 
@@ -39,6 +39,17 @@ def stop_token_ids(tokenizer) -> List[int]:
     return sorted({tokenizer.eos_token_id} | end)
 
 
+def prompt_images(cfg: RLConfig, tokenizer) -> Optional[PromptImages]:
+    """A VLM's image-prompt encoder (adds the placeholder token to ``tokenizer``); None without
+    ``model.vision``. Call it before sizing the model's vocab from the tokenizer."""
+    if cfg.model.vision is None:
+        return None
+    check_image_rl(cfg)
+    v = cfg.model.vision
+    return PromptImages(tokenizer, cfg.data.image_token,
+                        ImageProcessing(patch_size=v.patch_size, merge_kernel_size=v.merge_kernel_size))
+
+
 def build_rl_job(cfg: RLConfig, ctx: DistContext) -> loop.RLJob:
     """The loop's parts: the trainer, the built-in rollout engine on its weights, the prompts."""
     cache = Path(cfg.run_dir) / "cache"
@@ -46,12 +57,7 @@ def build_rl_job(cfg: RLConfig, ctx: DistContext) -> loop.RLJob:
         load_tokenizer(cfg.data.tokenizer, cache)
     dist.barrier()
     tokenizer = load_tokenizer(cfg.data.tokenizer, cache)
-    images = None
-    if cfg.model.vision is not None:  # before the model: the placeholder token may grow the vocab
-        check_image_rl(cfg)
-        v = cfg.model.vision
-        images = PromptImages(tokenizer, cfg.data.image_token,
-                              ImageProcessing(patch_size=v.patch_size, merge_kernel_size=v.merge_kernel_size))
+    images = prompt_images(cfg, tokenizer)  # before the model: the placeholder token may grow the vocab
     train_prompts, heldout = load_prompt_sets(cfg)
     get_loss(cfg.rl.loss)  # fail fast on a bad name
     r = cfg.rl
