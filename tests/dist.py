@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import multiprocessing as mp
 
-__all__ = ["run_distributed", "free_port"]
+__all__ = ["run_distributed", "run_cli", "free_port"]
 
 _FAIL_GRACE_S = 10.0  # how long the other ranks may still finish after one rank failed
 _DEATH_GRACE_S = 2.0  # how long to wait for a message from a rank whose process already exited
@@ -192,3 +192,71 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         raise TimeoutError(f"ranks {pending} of {world_size} did not finish within {timeout} s "
                            "(killed; their stacks were dumped to stderr)")
     return [ok[r] for r in range(world_size)]
+
+
+def _cli_entry(argv: list, env: dict, cwd: str, out_path: str, err_path: str, alive) -> None:
+    """Child main of :func:`run_cli`: the environment, cwd and stdio of a fresh process, then the CLI."""
+    threading.Thread(target=_watch_parent, args=(alive,), daemon=True).start()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    out, err = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    sys.argv = ["megatron-kimi", *argv]
+    if os.environ.get("OMP_NUM_THREADS"):  # torch read it when the forkserver imported it, not now
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    code = 1
+    try:
+        from megatron_kimi.cli import main
+
+        code = main(argv)
+    except SystemExit as e:  # argparse, and commands that exit with a code
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - as an uncaught exception in a fresh interpreter: traceback, 1
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code or 0)
+
+
+def run_cli(argv: list, *, cwd: str, env: dict | None = None, timeout: float = 600.0, nproc: int = 1):
+    """``python -m megatron_kimi ARGV`` as ``subprocess.run(..., capture_output=True, text=True)`` would
+    run it, but forked from the forkserver that has imported torch and megatron.core (~4 s of a fresh
+    interpreter's start-up on 2 cores): its own process, environment (``env``, default this process's),
+    cwd and stdout/stderr, exit code from ``main``. Returns a ``subprocess.CompletedProcess``; past
+    ``timeout`` the child is killed and ``subprocess.TimeoutExpired`` raised. ``nproc > 1``: a real
+    ``torch.distributed.run`` launch of that many ranks (a launcher's workers are fresh interpreters).
+    Tests that signal the process use real subprocesses (tests/killing.py)."""
+    import subprocess
+    import tempfile
+
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "megatron_kimi",
+               *argv]
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+    ctx = _context()
+    alive_r, alive_w = ctx.Pipe(duplex=False)
+    with tempfile.TemporaryDirectory(prefix="run_cli_") as tmp:
+        out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        p = ctx.Process(target=_cli_entry, args=(list(argv), dict(os.environ if env is None else env), str(cwd),
+                                                  out_path, err_path, alive_r), name="megatron-kimi-cli")
+        try:
+            p.start()
+            p.join(timeout)
+            timed_out = p.is_alive()
+        finally:
+            _stop([p])
+            alive_r.close()
+            alive_w.close()
+        read = lambda path: open(path, errors="replace").read() if os.path.exists(path) else ""  # noqa: E731
+        stdout, stderr = read(out_path), read(err_path)
+    args = ["megatron-kimi", *argv]
+    if timed_out:
+        raise subprocess.TimeoutExpired(args, timeout, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(args, p.exitcode, stdout, stderr)

@@ -1,6 +1,7 @@
 """``python -m megatron_kimi``: an end-to-end tiny training run and the CLI's error reporting.
 
-Every case runs in a subprocess: Megatron keeps process-global state (parallel groups, RNG tracker).
+Every case runs in a process of its own (``tests.dist.run_cli``: forked from a forkserver that has
+imported torch and megatron.core): Megatron keeps process-global state (parallel groups, RNG tracker).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny" / "train.yaml"
@@ -30,8 +32,7 @@ def _env() -> dict:
 
 
 def _cli(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_kimi", *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_cli(list(args), cwd=str(REPO), env=_env(), timeout=timeout)
 
 
 def test_train_end_to_end(tmp_path):

@@ -31,11 +31,9 @@ pipeline-split (the whole tower is on the first stage), so layer i is global.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
-import torch
-
-from megatron_kimi.convert.hf import ConversionError, Segment, deinterleave_qkv, interleave_qkv, qkv_segments
+from megatron_kimi.convert.hf import ConversionError, Segment, qkv_segments
 from megatron_kimi.model.vision.config import VisionConfig
 
 HF_TOWER = "model.vision_tower."
@@ -89,15 +87,6 @@ def megatron_vision_names(v: VisionConfig) -> List[str]:
     return names
 
 
-def hf_vision_names(v: VisionConfig) -> List[str]:
-    names = list(_DIRECT.values())
-    for i in range(v.num_layers):
-        prefix = f"{HF_TOWER}layers.{i}."
-        names += [prefix + k for k in _LAYER_DIRECT.values()]
-        names += [prefix + f"attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")]
-    return names
-
-
 def _shapes(v: VisionConfig, text_hidden_size: int):
     """({top-level Megatron name: shape}, {per-layer suffix: shape}); the HF tensors have the same shapes."""
     D, F, K, P, G = v.hidden_size, v.ffn_hidden_size, v.merged_size, v.patch_size, v.position_grid_size
@@ -117,7 +106,7 @@ def megatron_vision_shapes(v: VisionConfig, text_hidden_size: int) -> Dict[str, 
 
 
 def hf_vision_shapes(v: VisionConfig, text_hidden_size: int) -> Dict[str, Tuple[int, ...]]:
-    """Every HF vision tensor name (``hf_vision_names`` order) -> shape."""
+    """Every HF vision tensor name -> shape."""
     top, layer = _shapes(v, text_hidden_size)
     out = {_DIRECT[k]: shape for k, shape in top.items()}
     D = v.hidden_size
@@ -145,40 +134,6 @@ def vision_segments(name: str, v: VisionConfig, text_hidden_size: int) -> List[S
         return [Segment(prefix + _LAYER_DIRECT[key], 0, layer_shapes[key][0])]
     return qkv_segments(prefix + "attn.", key.rsplit(".", 1)[1], v.num_attention_heads, v.num_attention_heads,
                         v.head_dim)
-
-
-def megatron_from_hf(name: str, get: Callable[[str], torch.Tensor], v: VisionConfig) -> torch.Tensor:
-    """The full Megatron tensor ``name`` from HF tensors (``get(hf_name)``)."""
-    if name in _DIRECT:
-        return get(_DIRECT[name])
-    m = _LAYER_RE.match(name)
-    if m is None:
-        raise KeyError(f"not a vision tensor: {name}")
-    layer, key = int(m.group(1)), m.group(2)
-    prefix = f"{HF_TOWER}layers.{layer}."
-    if key in _LAYER_DIRECT:
-        return get(prefix + _LAYER_DIRECT[key])
-    if key in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        w = key.rsplit(".", 1)[1]
-        q, k, val = (get(f"{prefix}attn.{p}_proj.{w}") for p in "qkv")
-        return interleave_qkv(q, k, val, v.num_attention_heads, v.num_attention_heads, v.head_dim)
-    raise KeyError(f"not a vision tensor: {name}")
-
-
-def hf_from_megatron(name: str, tensor: torch.Tensor, v: VisionConfig) -> Dict[str, torch.Tensor]:
-    """HF tensors from the full Megatron tensor ``name``."""
-    if name in _DIRECT:
-        return {_DIRECT[name]: tensor}
-    m = _LAYER_RE.match(name)
-    if m is None:
-        raise KeyError(f"not a vision tensor: {name}")
-    layer, key = int(m.group(1)), m.group(2)
-    prefix = f"{HF_TOWER}layers.{layer}."
-    if key in _LAYER_DIRECT:
-        return {prefix + _LAYER_DIRECT[key]: tensor}
-    w = key.rsplit(".", 1)[1]
-    q, k, val = deinterleave_qkv(tensor, v.num_attention_heads, v.num_attention_heads, v.head_dim)
-    return {f"{prefix}attn.q_proj.{w}": q, f"{prefix}attn.k_proj.{w}": k, f"{prefix}attn.v_proj.{w}": val}
 
 
 def vision_config_from_hf(hf: dict, text_hidden_size: int, **overrides) -> VisionConfig:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny" / "train.yaml"
@@ -20,8 +21,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID"):
         env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "megatron_kimi", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=150)
+    return run_cli(list(args), cwd=str(REPO), env=env, timeout=150)
 
 
 def test_train_names_the_bad_corpus_line(tmp_path):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist import run_cli
 
 from megatron_kimi.commands.difficulty import read_records, summary_line
 from megatron_kimi.config import RLConfig, load_config
@@ -21,10 +21,7 @@ COMMON = ["data.reward=tests.rl.plugin_rewards:starts_with_digit", "rollout.max_
 
 
 def _cli(*args, nproc=1, check=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 \
-        else [sys.executable]
-    out = subprocess.run(launcher + ["-m", "megatron_kimi", *args], cwd=REPO, capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    out = run_cli(list(args), cwd=str(REPO), env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, nproc=nproc)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out

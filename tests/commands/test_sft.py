@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["data.builtin_num_samples=600", "logging.progress_bar=false", "checkpoint.save_interval=5",
@@ -17,9 +17,8 @@ COMMON = ["data.builtin_num_samples=600", "logging.progress_bar=false", "checkpo
 
 def _sft(run_dir, *overrides, nproc=1, timeout=400):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
-    cmd = launcher + ["-m", "megatron_kimi", "sft", "examples/tiny/sft.yaml", f"run_dir={run_dir}", *COMMON, *overrides]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    args = ["sft", "examples/tiny/sft.yaml", f"run_dir={run_dir}", *COMMON, *overrides]
+    out = run_cli(args, cwd=str(REPO), env=env, timeout=timeout, nproc=nproc)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out.stdout
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist import run_cli
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,9 +88,8 @@ def test_bad_image_input_names_file_and_line(tokenizer, image_jsonl):
 
 def test_vlm_sft_loss_falls(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "megatron_kimi", "sft", "examples/vision/sft_tiny.yaml", f"run_dir={tmp_path}",
-           "data.builtin_num_samples=1200", "logging.tensorboard=false"]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    out = run_cli(["sft", "examples/vision/sft_tiny.yaml", f"run_dir={tmp_path}", "data.builtin_num_samples=1200",
+                   "logging.tensorboard=false"], cwd=str(REPO), env=env, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) >= 50  # ~20 samples per step (packs of 256 tokens x 4)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.dist import run_cli
 
 from megatron_kimi.data.tokenizer import load_tokenizer
 from megatron_kimi.dpo.data import SampleOut, long2short_pairs, tokenize_pairs
@@ -141,9 +141,8 @@ def test_cli_stops_on_a_bad_line_with_exit_2(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "megatron_kimi", "dpo", "examples/long2short/dpo.yaml",
-                           f"run_dir={tmp_path / 'run'}", f"data.pairs={bad}", "data.pairs_from=pairs"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    proc = run_cli(["dpo", "examples/long2short/dpo.yaml", f"run_dir={tmp_path / 'run'}", f"data.pairs={bad}",
+                    "data.pairs_from=pairs"], cwd=str(REPO), env=env, timeout=150)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"megatron-kimi dpo: error: {bad}:2: rejected: missing field" in proc.stderr
     assert "Traceback" not in proc.stderr

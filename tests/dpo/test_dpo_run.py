@@ -9,11 +9,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist import run_cli
 import torch
 
 from tests.checkpoints import global_tensors
@@ -30,11 +30,8 @@ def _dpo(run_dir, *overrides, nproc=1, timeout=300) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID"):
         env.pop(var, None)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1
-                else [sys.executable])
-    cmd = launcher + ["-m", "megatron_kimi", "dpo", "examples/long2short/dpo.yaml", f"run_dir={run_dir}", *COMMON,
-                      *overrides]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    args = ["dpo", "examples/long2short/dpo.yaml", f"run_dir={run_dir}", *COMMON, *overrides]
+    out = run_cli(args, cwd=str(REPO), env=env, timeout=timeout, nproc=nproc)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out.stdout
 

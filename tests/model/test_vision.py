@@ -33,7 +33,7 @@ def _model_section(model_extra=None, **vision):
                        "position_grid_size": 8, "image_token_id": IMAGE_TOKEN, **vision}}
 
 
-def _build(tp: int, cp: int = 1, model_extra=None, **vision):
+def _build(tp: int, cp: int = 1, model_extra=None, sp: bool = False, **vision):
     """Initialised chunks (layout-independent init: the same weights at TP1, TP2 and CP2)."""
     from megatron_kimi.config import TrainConfig, build_config
     from megatron_kimi.model.builder import build_model_chunks, padded_vocab_size, transformer_config
@@ -41,7 +41,7 @@ def _build(tp: int, cp: int = 1, model_extra=None, **vision):
     from megatron_kimi.training.runtime import initialize
 
     cfg = build_config(TrainConfig, {"model": _model_section(model_extra, **vision),
-                                     "parallel": {"tensor": tp, "context": cp},
+                                     "parallel": {"tensor": tp, "context": cp, "sequence_parallel": sp},
                                      "training": {"seq_length": 64, "micro_batch_size": 1, "global_batch_size": 1,
                                                   "steps": 1}})
     initialize(cfg)
@@ -228,7 +228,7 @@ def _cp_body(rank, world_size, tp=1, sp=False):
     from megatron_kimi.training.runtime import shutdown
 
     cp = world_size // tp
-    _, chunks = (_build(tp, cp=cp) if not sp else _build_sp(tp))
+    _, chunks = _build(tp, cp=cp, sp=sp)
     model = chunks[0]
     try:
         pix, grid = _images(GRIDS)
@@ -266,22 +266,6 @@ def _cp_body(rank, world_size, tp=1, sp=False):
         shutdown()
 
 
-def _build_sp(tp):
-    from megatron_kimi.config import TrainConfig, build_config
-    from megatron_kimi.model.builder import build_model_chunks, padded_vocab_size, transformer_config
-    from megatron_kimi.model.init import init_weights
-    from megatron_kimi.training.runtime import initialize
-
-    cfg = build_config(TrainConfig, {"model": _model_section(), "parallel": {"tensor": tp, "sequence_parallel": True},
-                                     "training": {"seq_length": 64, "micro_batch_size": 1, "global_batch_size": 1,
-                                                  "steps": 1}})
-    initialize(cfg)
-    tf = transformer_config(cfg.model, cfg.parallel, cfg.precision)
-    chunks = build_model_chunks(cfg.model, tf, padded_vocab_size(128, cfg.model.make_vocab_size_divisible_by, tp))
-    init_weights(chunks, seed=3, std=0.2, num_layers=2)
-    return cfg, chunks
-
-
 @pytest.mark.parametrize("layout", ["cp2", "tp2_sp"])
 def test_context_and_sequence_parallel_splice_their_own_positions(layout):
     """CP2: each CP rank splices its zig-zag share; TP2+SP: splice first, then the sequence split."""
@@ -292,3 +276,33 @@ def test_context_and_sequence_parallel_splice_their_own_positions(layout):
         assert set(grads2) <= set(grads1) and len(grads2) > (20 if layout == "cp2" else 6)
         for name, g in grads2.items():
             torch.testing.assert_close(g, grads1[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _gpu_tower_body(rank, world_size):
+    from megatron_kimi.training.runtime import shutdown
+
+    _, chunks = _build(1)
+    tower = chunks[0].vision_model
+    out = {}
+    try:
+        pix, grid = _images(GRIDS)
+        pix = pix.cuda().requires_grad_(True)
+        cores = [layer.self_attention.core_attention for layer in tower.decoder.layers]
+        for impl in ("ref", "triton"):
+            for core in cores:
+                core.impl = impl
+            pix.grad = None
+            y = tower(pix, grid)
+            y.square().sum().backward()
+            out[impl] = (y.detach().cpu(), pix.grad.detach().cpu())
+        return out
+    finally:
+        shutdown()
+
+
+@pytest.mark.gpu
+def test_gpu_tower_triton_non_causal_matches_reference():
+    """On CUDA the tower's non-causal packed attention through the Triton kernel == the SDPA reference."""
+    out = run_distributed(_gpu_tower_body, 1)[0]
+    torch.testing.assert_close(out["triton"][0], out["ref"][0], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out["triton"][1], out["ref"][1], atol=2e-4, rtol=2e-4)

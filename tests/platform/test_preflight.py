@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist import run_cli
 
 from megatron_kimi.config import ConfigError, SFTConfig, TrainConfig
 from megatron_kimi.platform.preflight import LaunchShape, check_launch, parse_gpus
@@ -44,9 +44,7 @@ def test_bad_config_field_is_named():
 
 
 def test_cli_prints_run_dir_or_a_launch_error():
-    ok = subprocess.run([sys.executable, "-m", "megatron_kimi", "preflight", "train", TRAIN, "run_dir=/r", "--world", "2"],
-                        cwd=REPO, capture_output=True, text=True, timeout=60)
+    ok = run_cli(["preflight", "train", TRAIN, "run_dir=/r", "--world", "2"], cwd=str(REPO), timeout=60)
     assert ok.returncode == 0 and ok.stdout.strip() == "/r", ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "megatron_kimi", "preflight", "train", TRAIN, "parallel.tensor=2",
-                          "--world", "3"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    bad = run_cli(["preflight", "train", TRAIN, "parallel.tensor=2", "--world", "3"], cwd=str(REPO), timeout=60)
     assert bad.returncode == 2 and "launch error: world size 3" in bad.stderr and bad.stdout == ""

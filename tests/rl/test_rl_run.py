@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist import run_cli
 
 from megatron_kimi.rl.loop import shape_rewards
 from megatron_kimi.rl.types import Prompt, RolloutBatch, Sample
@@ -21,12 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 def test_rl_raises_the_reward_of_a_plugged_in_verifier(tmp_path):
     """From a random init, P(the answer starts with a digit) ~ 10/128: mirror descent must raise it."""
     run = tmp_path / "rl"
-    cmd = [sys.executable, "-m", "megatron_kimi", "rl", "examples/demo/rl.yaml", f"run_dir={run}",
+    cmd = ["rl", "examples/demo/rl.yaml", f"run_dir={run}",
            "data.reward=tests.rl.plugin_rewards:starts_with_digit", "rl.iterations=12", "rl.eval_interval=0",
            "data.eval_size=64", "rollout.max_new_tokens=3", "optimizer.lr=3e-3", "optimizer.min_lr=3e-3",
            "rl.prompts_per_iteration=16", "logging.tensorboard=false"]
-    out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                         text=True, timeout=600)
+    out = run_cli(cmd, cwd=str(REPO), env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in recs] == list(range(1, 13))
