@@ -200,9 +200,8 @@ def _cli_entry(argv: list, env: dict, cwd: str, out_path: str, err_path: str, al
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    out, err = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(out, 1)
-    os.dup2(err, 2)
+    for fd, path in ((1, out_path), (2, err_path)):  # fd level: C extensions' output too
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     sys.argv = ["megatron-kimi", *argv]
     if os.environ.get("OMP_NUM_THREADS"):  # torch read it when the forkserver imported it, not now
         import torch

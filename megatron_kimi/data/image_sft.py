@@ -63,7 +63,8 @@ def tokenize_image_sample(tokenizer, record: Any, base_dir: Path, image_token: s
     if len(slots) != len(images):
         raise ValueError(f"{len(images)} image(s) but {len(slots)} placeholder(s) after the chat template")
     if not images:
-        return ids, mask, torch.zeros(0, 3, processing.patch_size, processing.patch_size), torch.zeros(0, 3, dtype=torch.long)
+        P = processing.patch_size
+        return ids, mask, torch.zeros(0, 3, P, P), torch.zeros(0, 3, dtype=torch.long)
     pixel_values, grid_thw = preprocess_many(images, processing)
     counts = [num_image_tokens(row, processing.merge_kernel_size) for row in grid_thw.tolist()]
     # each single placeholder becomes its image's run of placeholders (context: loss 0)

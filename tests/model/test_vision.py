@@ -27,7 +27,8 @@ GRIDS = [[1, 4, 6], [1, 2, 2], [1, 6, 4]]  # (t, h, w) in patches; merged tokens
 
 
 def _model_section(model_extra=None, **vision):
-    return {**(model_extra or {}), "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_query_groups": 2,
+    return {**(model_extra or {}),
+            "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_query_groups": 2,
             "vocab_size": 128, "tie_word_embeddings": False, "max_position_embeddings": 512,
             "vision": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 2,
                        "position_grid_size": 8, "image_token_id": IMAGE_TOKEN, **vision}}

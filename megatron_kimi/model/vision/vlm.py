@@ -1,10 +1,10 @@
 """The vision-language model: the LM (``KimiGPTModel``) with the tower and projector on its first stage.
 
 Image features enter where the text has image placeholder tokens: the projected features replace
-those tokens' word embeddings, in order, before the embeddings are split for sequence parallelism
-(and the micro-batch was split for context parallelism upstream, which is why a per-token index into
-the features, not the placeholder count, decides which feature goes where: see
-:class:`ImageInputs`; every CP rank runs the whole tower). Everything after the embedding is the LM's own code path, so TP/PP/SP, the
+those tokens' word embeddings, in order, before the embeddings are split for sequence parallelism.
+The micro-batch was split for context parallelism upstream, which is why a per-token index into the
+features, not the placeholder count, decides which feature goes where (:class:`ImageInputs`; every CP
+rank runs the whole tower). Everything after the embedding is the LM's own code path, so TP/PP/SP, the
 fused LM head and the checkpoint keys of the LM are unchanged; the tower adds ``vision_model.*`` and
 ``vision_projection.*`` keys on the first pipeline stage.
 """
@@ -111,7 +111,7 @@ class KimiVLModel(KimiGPTModel):
         if self.config.fp32_residual_connection:
             x_SBH = x_SBH.float()
         if self.config.sequence_parallel:
-            if emb.scatter_to_sequence_parallel or emb.reduce_scatter_embeddings:
+            if emb.scatter_to_sequence_parallel:
                 x_SBH = tensor_parallel.scatter_to_sequence_parallel_region(x_SBH, group=emb.tp_group)
             if self.config.clone_scatter_output_in_embedding:
                 x_SBH = x_SBH.clone()
@@ -135,17 +135,11 @@ def part_of(name: str) -> str:
     return "lm"
 
 
-def apply_freezing(chunks: Iterable[torch.nn.Module], vision: VisionConfig) -> dict:
+def apply_freezing(chunks: Iterable[torch.nn.Module], vision: VisionConfig) -> None:
     """``requires_grad=False`` on the frozen parts (before DDP wrapping: Megatron's DDP gives grad
-    buffers, and its optimizer param groups, only to parameters that require grad). Returns the
-    parameter count per part that stays trainable."""
+    buffers, and its optimizer param groups, only to parameters that require grad)."""
     frozen = {"tower": vision.freeze_tower, "projector": vision.freeze_projector, "lm": vision.freeze_lm}
-    trainable = {"tower": 0, "projector": 0, "lm": 0}
     for chunk in chunks:
         for name, p in chunk.named_parameters():
-            part = part_of(name)
-            if frozen[part]:
+            if frozen[part_of(name)]:
                 p.requires_grad_(False)
-            else:
-                trainable[part] += p.numel()
-    return trainable
