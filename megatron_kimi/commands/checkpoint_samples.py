@@ -21,8 +21,9 @@ from megatron_kimi.config import RLConfig
 def check_not_input(cfg: RLConfig, out: Path, key: str) -> None:
     """``out`` (the value of config key ``key``) must not be ``data.prompts`` (never overwritten)."""
     from megatron_kimi.rl.data import BUILTIN
+    from megatron_kimi.rl.images import BUILTIN_IMAGE_PROMPTS
 
-    if cfg.data.prompts == BUILTIN:
+    if cfg.data.prompts in (BUILTIN, BUILTIN_IMAGE_PROMPTS):
         return
     src = Path(cfg.data.prompts)
     if not src.is_file():

@@ -49,11 +49,13 @@ def check(cfg: RLConfig) -> Tuple[Path, Path]:
 def read_records(cfg: RLConfig, label: str = "difficulty") -> Tuple[List[dict], list]:
     """(the original JSON objects, their Prompts), line for line. Bad lines: ``data.on_error``."""
     from megatron_kimi.data.jsonl import BadLines, read_jsonl
-    from megatron_kimi.rl.data import BUILTIN, parse_prompt, arithmetic_prompts
+    from megatron_kimi.rl.data import builtin_train_prompts, parse_prompt, with_image_dir
+    from megatron_kimi.rl.images import absolute_image_refs
 
-    if cfg.data.prompts == BUILTIN:  # the RL run's training set (rl/data.py: load_prompt_sets)
-        prompts = arithmetic_prompts(4000, cfg.training.seed, heldout=False)
-        return [{"prompt": p.prompt, "answer": p.answer, "kind": p.kind} for p in prompts], prompts
+    prompts = builtin_train_prompts(cfg.data.prompts, cfg.training.seed)
+    if prompts is not None:  # the RL run's training set (rl/data.py: load_prompt_sets)
+        return [{"prompt": p.prompt, "answer": p.answer, "kind": p.kind,
+                 **({"images": absolute_image_refs(p)} if p.images else {})} for p in prompts], prompts
     bad = BadLines(cfg.data.prompts)
     pairs = [v for _, v in read_jsonl(cfg.data.prompts, lambda obj: (obj, parse_prompt(obj, cfg.data.reward)),
                                       cfg.data.on_error, bad)]
@@ -61,7 +63,9 @@ def read_records(cfg: RLConfig, label: str = "difficulty") -> Tuple[List[dict], 
         print(f"{label}: {bad.summary()} (left out of the output)", flush=True)
     if not pairs:
         raise ValueError(f"{cfg.data.prompts}: no prompts")
-    return [o for o, _ in pairs], [p for _, p in pairs]
+    prompts = with_image_dir([p for _, p in pairs], cfg.data.prompts)
+    # written elsewhere, the records keep their images reachable
+    return [{**o, "images": absolute_image_refs(p)} if p.images else o for o, p in pairs], prompts
 
 
 def summary_line(pass_rates: List[float], out: Path, samples: int) -> str:

@@ -68,7 +68,7 @@ def select(rows: Sequence[dict]) -> Tuple[List[dict], Dict[str, float]]:
             continue
         best = r["samples"][i]
         kept_tokens.append(best["tokens"])
-        sft.append({"messages": [{"role": "user", "content": r["prompt"]},
+        sft.append({"messages": [{"role": "user", "content": r.get("content", r["prompt"])},
                                  {"role": "assistant", "content": best["response"]}]})
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")  # noqa: E731
     stats = {"prompts": len(rows), "accepted": len(sft), "rejected": len(rows) - len(sft),
@@ -90,6 +90,7 @@ def summary_line(stats: Dict[str, float], out: Path, samples_out: Path) -> str:
 def run(cfg: RLConfig) -> int:
     from megatron_kimi.commands.checkpoint_samples import checkpoint_sampler
     from megatron_kimi.commands.difficulty import read_records
+    from megatron_kimi.rl.images import user_content
     from megatron_kimi.rl.loop import write_atomic
 
     start, out, samples_out = check(cfg)
@@ -102,7 +103,7 @@ def run(cfg: RLConfig) -> int:
         sampler.load(start)
         groups = sampler.scored(prompts, s.n, s.batch_prompts)
         if sampler.is_rank0:
-            rows = [{"prompt": p.prompt, "answer": p.answer,
+            rows = [{"prompt": p.prompt, "answer": p.answer, **({"content": user_content(p)} if p.images else {}),
                      "samples": [{"response": x.response, "correct": bool(x.correct), "tokens": x.response_length}
                                  for x in g]} for p, g in zip(prompts, groups)]
             sft, stats = select(rows)

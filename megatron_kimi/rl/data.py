@@ -58,14 +58,31 @@ def load_prompts(path: str | Path, on_error: str = "raise", bad: Optional[BadLin
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompts file {path} does not exist")
-    out = [p for _, p in read_jsonl(path, lambda obj: parse_prompt(obj, reward), on_error, bad)]
-    for p in out:
-        if p.images:  # relative image paths are relative to the prompts file
-            p.metadata.setdefault("image_dir", str(path.resolve().parent))
+    out = with_image_dir([p for _, p in read_jsonl(path, lambda obj: parse_prompt(obj, reward), on_error, bad)],
+                         path)
     if not out:
         skipped = f", {bad.count} bad line(s) skipped" if bad is not None and bad.count else ""
         raise ValueError(f"{path}: no prompts (empty dataset{skipped})")
     return out
+
+
+def with_image_dir(prompts: List[Prompt], path: str | Path) -> List[Prompt]:
+    """Image prompts of the file ``path`` remember its folder: their relative image paths are relative to it."""
+    for p in prompts:
+        if p.images:
+            p.metadata.setdefault("image_dir", str(Path(path).resolve().parent))
+    return prompts
+
+
+def builtin_train_prompts(spec: str, seed: int) -> Optional[List[Prompt]]:
+    """A run's training prompts for a ``builtin:`` spec (None: not a built-in set)."""
+    from megatron_kimi.rl.images import BUILTIN_IMAGE_PROMPTS, image_count_prompts
+
+    if spec == BUILTIN:
+        return arithmetic_prompts(4000, seed, heldout=False)
+    if spec == BUILTIN_IMAGE_PROMPTS:
+        return image_count_prompts(2000, seed)
+    return None
 
 
 def arithmetic_prompts(n: int, seed: int, heldout: bool) -> List[Prompt]:
@@ -113,12 +130,7 @@ def load_prompt_sets(cfg) -> Tuple[List[Prompt], List[Prompt]]:
     from megatron_kimi.rl.images import BUILTIN_IMAGE_PROMPTS, image_count_prompts
 
     d = cfg.data
-    if d.prompts == BUILTIN:
-        train = arithmetic_prompts(4000, cfg.training.seed, heldout=False)
-    elif d.prompts == BUILTIN_IMAGE_PROMPTS:
-        train = image_count_prompts(2000, cfg.training.seed)
-    else:
-        train = _load_prompts_reporting(d.prompts, cfg)
+    train = builtin_train_prompts(d.prompts, cfg.training.seed) or _load_prompts_reporting(d.prompts, cfg)
     if d.eval_prompts:
         held = _load_prompts_reporting(d.eval_prompts, cfg)
     elif d.prompts == BUILTIN:  # seed + 1: not the training set's stream (the splits are disjoint anyway)

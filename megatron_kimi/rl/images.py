@@ -81,6 +81,37 @@ def image_count_prompts(n: int, seed: int) -> List[Prompt]:
     return out
 
 
+def absolute_image_refs(prompt: Prompt) -> List[str]:
+    """The prompt's image references usable from anywhere: paths made absolute against the prompts file's
+    folder (base64 and data URIs as they are)."""
+    base = prompt.metadata.get("image_dir")
+    out = []
+    for ref in prompt.images or []:
+        try:  # load_image's rule: a reference naming an existing file is a path, anything else data
+            is_file = bool(base) and not ref.startswith("data:") and Path(base, ref).is_file()
+        except OSError:  # a long base64 string is too long a file name
+            is_file = False
+        out.append(str(Path(base, ref).resolve()) if is_file else ref)
+    return out
+
+
+def user_content(prompt: Prompt):
+    """The prompt as a chat user turn's content: its text, or for an image prompt HF-style parts (image
+    parts where its text has the marker, else first; absolute paths), which image SFT reads back."""
+    if not prompt.images:
+        return prompt.prompt
+    refs = absolute_image_refs(prompt)
+    text = prompt.prompt if IMAGE_MARKER in prompt.prompt else IMAGE_MARKER * len(refs) + prompt.prompt
+    pieces = text.split(IMAGE_MARKER)
+    parts = []
+    for i, piece in enumerate(pieces):
+        if i:
+            parts.append({"type": "image", "image": refs[i - 1]})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
 def pack_images(samples, indices: List[int], capacity: int) -> Optional[ImageInputs]:
     """The images of the samples ``indices`` of one pack (in pack order) with their per-token feature
     index over the pack's ``capacity`` tokens; None when none of them has images."""

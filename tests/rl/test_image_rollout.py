@@ -119,3 +119,31 @@ def test_engine_prefills_images_like_the_trainer(tmp_path, position_embedding_ty
     assert max(out["diffs"]) < 1e-4, out["diffs"]
     assert out["changed"] is True
     assert out["pack_vs_engine"] < 1e-4
+
+
+def test_records_written_elsewhere_keep_their_images(tmp_path):
+    """sample/difficulty outputs of image prompts: image parts with paths that work from anywhere."""
+    from megatron_kimi.data.image_sft import builtin_image_jsonl
+    from megatron_kimi.data.image_synth import parse_image_messages
+    from megatron_kimi.rl.data import load_prompts
+    from megatron_kimi.rl.images import image_count_prompts, user_content
+
+    data = builtin_image_jsonl(tmp_path / "imgs" / "data.jsonl", 2, seed=5)
+    import json
+
+    first = json.loads(data.read_text().splitlines()[0])
+    rel = first["messages"][0]["content"][0]["image"]  # relative to the jsonl
+    prompts_file = tmp_path / "imgs" / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "<image>How many?", "answer": "2", "images": [rel]}) + "\n"
+                            + json.dumps({"prompt": "Count: <image>", "answer": "3",
+                                          "images": [image_count_prompts(1, 0)[0].images[0]]}) + "\n")
+    p_path, p_b64 = load_prompts(prompts_file)
+    parts = user_content(p_path)
+    assert parts[0]["type"] == "image" and parts[0]["image"] == str((tmp_path / "imgs" / rel).resolve())
+    assert parts[1] == {"type": "text", "text": "How many?"}
+    parts = user_content(p_b64)
+    assert parts[0] == {"type": "text", "text": "Count: "} and parts[1]["image"].startswith("data:image/png")
+    # read back from another folder, as image SFT does
+    messages = [{"role": "user", "content": user_content(p_path)}, {"role": "assistant", "content": "2"}]
+    text, images = parse_image_messages(messages, base_dir=tmp_path / "elsewhere")
+    assert len(images) == 1 and text[0]["content"] == "<image>How many?"
