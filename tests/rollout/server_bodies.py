@@ -65,6 +65,9 @@ def fake_server_job(rank, world_size, tp, urls, weights_dirs):
         out["file_shapes"] = _shapes(weights_dirs["ok"])
         out["hf_shapes"] = {k: list(v) for k, v in hf.hf_shapes(backend.arch).items()}
         out["config_json"] = (Path(weights_dirs["ok"]) / "config.json").is_file()
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has read the files before the next sync replaces them
         backend.update_weights(chunks)
         out["version2"] = backend.weight_version
     finally:
