@@ -13,17 +13,23 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+def norm_parameter(config: TransformerConfig, hidden_size: int, value: float) -> torch.nn.Parameter:
+    """A norm's weight or bias, filled with ``value``, marked for the TP grad all-reduce under SP."""
+    # Same placement rule as Megatron's own layers, so a model built on a GPU is wholly on it.
+    on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization
+    device = torch.cuda.current_device() if on_gpu else "cpu"
+    p = torch.nn.Parameter(torch.full((hidden_size,), value, dtype=config.params_dtype, device=device))
+    setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+    return p
+
+
 class RMSNorm(torch.nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **unused):
         super().__init__()
         self.eps = eps
-        # Same placement rule as Megatron's own layers, so a model built on a GPU is wholly on it.
-        on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization
-        device = torch.cuda.current_device() if on_gpu else "cpu"
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
-        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        self.weight = norm_parameter(config, hidden_size, 1.0)
 
     def forward(self, x_SBH: torch.Tensor) -> torch.Tensor:
         if x_SBH.is_cuda and x_SBH.dtype == self.weight.dtype:
@@ -50,12 +56,8 @@ class LayerNorm(torch.nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__()
         self.eps = eps
-        on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization
-        device = torch.cuda.current_device() if on_gpu else "cpu"
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
-        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
-        for p in (self.weight, self.bias):
-            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+        self.weight = norm_parameter(config, hidden_size, 1.0)
+        self.bias = norm_parameter(config, hidden_size, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

@@ -140,6 +140,3 @@ def check_image_rl(cfg) -> None:
     if cfg.rollout.partial_budget:
         raise ValueError("rollout.partial_budget: partial rollouts do not carry images yet (set it to 0)")
 
-
-def image_prompt_dir(path: str | Path) -> str:
-    return str(Path(path).resolve().parent)
