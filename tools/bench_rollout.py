@@ -13,14 +13,22 @@ enforced with ``max_new_tokens`` (no EOS), so both sides produce exactly the sam
   backend always sets ``ignore_eos``; no stop ids here), so it produces exactly the same useful tokens.
   Also reported: the engine start seconds and one ``update_weights`` (weight sync) in seconds and GB/s.
   Only where ``vllm`` imports (``.venv-vllm``); elsewhere the row is skipped with the reason.
+  ``vllm`` runs as ``rollout.enforce_eager: null`` does (eager on CPU, CUDA graphs on CUDA);
+  ``vllm-compiled`` with ``enforce_eager=False`` (on CPU: vLLM's torch.compile/inductor path).
 * hf: the same weights converted to ``LlamaForCausalLM`` (checked: logits compared first), ``generate``
   in static batches of ``--hf-batch-size``; each batch runs to its longest response
   (``max_new_tokens = max(lengths)``) and only the useful tokens (each request's own length) count.
 
 Greedy decoding by default (``--sample``: temperature 1, no top-k/top-p, on both sides).
 
+Each of ``--repeats`` rounds times every engine once, back to back, HF last. The table shows each
+engine's best wall; with several rounds, the speedups are also given round by round (HF's wall over the
+engine's in the same round) as min / median / max: on a shared host the machine's speed drifts between
+runs, and the paired ratio moves much less than either wall.
+
     python tools/bench_rollout.py
     python tools/bench_rollout.py --json out.json --repeats 3
+    .venv-vllm/bin/python tools/bench_rollout.py --repeats 5
     .venv-vllm/bin/python tools/bench_rollout.py --engines builtin,vllm,hf --repeats 2
 """
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -51,11 +60,16 @@ def _parse_args(argv):
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each side (best is reported)")
+    p.add_argument("--settle-s", type=float, default=2.0,
+                   help="idle seconds before each timed run (a vLLM engine spins ~1 s after its last step)")
     p.add_argument("--sample", action="store_true", help="temperature-1 sampling instead of greedy")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--engines", default=None,
-                   help="comma-separated subset of builtin,vllm,hf (default: all; vllm only where it imports)")
+                   help="comma-separated subset of builtin,vllm,vllm-compiled,hf (default: all; the vllm ones "
+                        "only where vllm imports)")
     p.add_argument("--skip-hf", action="store_true", help="same as leaving hf out of --engines")
+    p.add_argument("--vllm-kwargs", default=None, type=json.loads,
+                   help='more vllm.LLM arguments as JSON, e.g. \'{"distributed_executor_backend": "mp"}\'')
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
 
@@ -216,7 +230,7 @@ def vllm_version() -> str:
 
 def select_engines(args):
     """(engines to run, {engine: reason skipped})."""
-    known = ("builtin", "vllm", "hf")
+    known = ("builtin", "vllm", "vllm-compiled", "hf")
     asked = [e.strip() for e in (args.engines or ",".join(known)).split(",") if e.strip()]
     bad = [e for e in asked if e not in known]
     if bad:
@@ -224,20 +238,25 @@ def select_engines(args):
     skipped = {}
     if args.skip_hf and "hf" in asked:
         asked.remove("hf")
-    if "vllm" in asked:
+    if any(e.startswith("vllm") for e in asked):
         from megatron_kimi.rollout.vllm_backend import vllm_available
 
         if not vllm_available():
-            asked.remove("vllm")
-            skipped["vllm"] = ("vllm does not import in this interpreter "
-                               f"({sys.executable}); build it with `make venv-vllm` and run .venv-vllm/bin/python")
+            for e in [e for e in asked if e.startswith("vllm")]:
+                asked.remove(e)
+                skipped[e] = ("vllm does not import in this interpreter "
+                              f"({sys.executable}); build it with `make venv-vllm` and run .venv-vllm/bin/python")
+    if "hf" in asked:  # the baseline the speedups divide by: timed last in each round
+        asked.remove("hf")
+        asked.append("hf")
     return asked, skipped
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
     engines, skipped = select_engines(args)
-    if "vllm" in engines and not torch.cuda.is_available():
+    use_vllm = any(e.startswith("vllm") for e in engines)
+    if use_vllm and not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default (4) is more than this needs
         # vLLM's CPU default binds its worker to all cores but one (1 of 2 here) and cuts torch to 1 thread:
         # give it the same --threads cores as the other engines (its front-end process only waits meanwhile).
@@ -256,105 +275,112 @@ def main(argv=None) -> int:
     print(f"model: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, "
           f"{m.num_attention_heads} heads / {m.num_query_groups} kv heads x {m.kv_channels}, vocab {args.vocab} "
           f"(padded {padded}), {n_params / 1e6:.2f}M parameters, fp32, {args.threads} threads, {device}")
-    if "vllm" in engines and not torch.cuda.is_available():
+    if use_vllm and not torch.cuda.is_available():
         print(f"vLLM CPU env: VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']} "
               f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}")
     print(f"workload: {args.prompts} prompts x {args.prompt_len} tokens, response lengths uniform "
           f"{args.min_new}..{args.max_new} (sum {sum(lengths)}, max {max(lengths)}), "
           f"{'sampling T=1' if args.sample else 'greedy'}")
 
+    sides = []  # (key, label, run(prompts, lengths) -> (wall, useful, outputs)), timed in this order
     engine = None
     if "builtin" in engines:
         engine = GenerationEngine(model, max_batch_size=args.max_batch_size,
                                   max_seq_len=args.prompt_len + args.max_new, eos_token_id=None)
-    vb = None
-    vinfo = {}
-    if "vllm" in engines:
+        sides.append(("builtin", f"megatron_kimi engine ({args.max_batch_size} slots)",
+                      lambda p, n, e=engine: run_engine(e, p, n, args.sample, args.seed)))
+    backends, vinfo = [], {}
+    for key in ("vllm", "vllm-compiled"):
+        if key not in engines:
+            continue
         from megatron_kimi.rollout.vllm_backend import VllmBackend
 
+        # "vllm": the backend's default (rollout.enforce_eager null: eager on CPU, CUDA graphs on CUDA);
+        # "vllm-compiled": enforce_eager=False (on CPU vLLM's torch.compile/inductor path).
+        eager = None if key == "vllm" else False
         try:
             vb = VllmBackend(model, m, max_seq_len=args.prompt_len + args.max_new, max_batch_size=args.max_batch_size,
-                             eos_token_id=None, seed=args.seed, dtype="float32")
+                             eos_token_id=None, seed=args.seed, dtype="float32", enforce_eager=eager,
+                             engine_kwargs=args.vllm_kwargs)
         except ValueError as e:  # e.g. a model vLLM cannot serve (learned positions)
-            skipped["vllm"] = str(e)
-        else:
-            vb.update_weights(model)  # one weight sync, timed (the trainer does this after every step)
-            vinfo = dict(version=vllm_version(), start_s=vb.start_s, sync_s=vb.last_sync_s,
-                         sync_gbps=vb.last_sync_gbps, sync_bytes=vb.last_sync_bytes)
-            print(f"vLLM ({vinfo['version']}): engine start {vb.start_s:.1f} s, weight sync (update_weights) "
-                  f"{vb.last_sync_s:.2f} s for {vb.last_sync_bytes / 1e6:.1f} MB = {vb.last_sync_gbps:.3f} GB/s")
+            skipped[key] = str(e)
+            continue
+        backends.append(vb)
+        vb.update_weights(model)  # one weight sync, timed (the trainer does this after every step)
+        mode = "eager" if vb.enforce_eager else ("CUDA graphs" if torch.cuda.is_available() else "compiled")
+        vinfo[key] = dict(version=vllm_version(), mode=mode, start_s=vb.start_s, sync_s=vb.last_sync_s,
+                          sync_gbps=vb.last_sync_gbps, sync_bytes=vb.last_sync_bytes)
+        print(f"vLLM ({vinfo[key]['version']}, {mode}): engine start {vb.start_s:.1f} s, weight sync "
+              f"(update_weights) {vb.last_sync_s:.2f} s for {vb.last_sync_bytes / 1e6:.1f} MB = "
+              f"{vb.last_sync_gbps:.3f} GB/s")
+        # An idle engine's processes sleep once their spin-wait ends (--settle-s), so a second engine
+        # alive beside the timed one costs memory, not cores.
+        sides.append((key, f"vLLM ({vinfo[key]['version']}, {mode}, {args.max_batch_size} seqs)",
+                      lambda p, n, e=vb: run_engine(e, p, n, args.sample, args.seed)))
     hf = None
     if "hf" in engines:
         hf = to_hf_llama(m, model, padded)
         diff, scale = check_conversion(model, hf, args.vocab, device)
         print(f"HF conversion check: max |logit diff| {diff:.2e} (max |logit| {scale:.2f})")
-    # warm-up, then the timed runs, engine and HF interleaved (best of --repeats each)
-    for e in (engine, vb):
-        if e is not None:
-            run_engine(e, prompts[:4], [8, 4, 6, 2], args.sample, args.seed)
-    if hf is not None:
-        run_hf(hf, prompts[:4], [4, 4, 4, 4], 4, args.sample, device)
-    best_e = best_v = best_h = None
-    walls_e, walls_v, walls_h = [], [], []
-    for _ in range(args.repeats):
-        if engine is not None:
-            r = run_engine(engine, prompts, lengths, args.sample, args.seed)
-            walls_e.append(r[0])
-            best_e = r if best_e is None or r[0] < best_e[0] else best_e
-        if vb is not None:
-            r = run_engine(vb, prompts, lengths, args.sample, args.seed)
-            walls_v.append(r[0])
-            best_v = r if best_v is None or r[0] < best_v[0] else best_v
-        if hf is not None:
-            r = run_hf(hf, prompts, lengths, args.hf_batch_size, args.sample, device)
-            walls_h.append(r[0])
-            best_h = r if best_h is None or r[0] < best_h[0] else best_h
-    if vb is not None:
-        vb.close()
-    rows, outs = [], {}
-    if engine is not None:
-        e_wall, e_useful, outs["builtin"] = best_e
-        rows.append(dict(engine=f"megatron_kimi engine ({args.max_batch_size} slots)", useful=e_useful, wall_s=e_wall,
-                         all_wall_s=walls_e))
-    if vb is not None:
-        v_wall, v_useful, outs["vllm"] = best_v
-        rows.append(dict(engine=f"vLLM ({vinfo['version']}, {args.max_batch_size} seqs)", useful=v_useful,
-                         wall_s=v_wall, all_wall_s=walls_v))
-    hf_outs = None
-    if hf is not None:
-        h_wall, h_useful, hf_outs = best_h
-        rows.append(dict(engine=f"HF generate (static batch {args.hf_batch_size})", useful=h_useful, wall_s=h_wall,
-                         all_wall_s=walls_h))
-
-    if not rows:
+        sides.append(("hf", f"HF generate (static batch {args.hf_batch_size})",
+                      lambda p, n: run_hf(hf, p, n, args.hf_batch_size, args.sample, device)))
+    if not sides:
         print("no engine ran:", "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "empty --engines")
         return 1
-    base = rows[-1]["useful"] / rows[-1]["wall_s"]  # HF generate when it ran (the last row)
+
+    # warm-up, then --repeats rounds; each round times every side back to back
+    for key, _, run in sides:
+        run(prompts[:4], [8, 4, 6, 2] if key != "hf" else [4, 4, 4, 4])
+    walls = {key: [] for key, _, _ in sides}
+    best = {}
+    for _ in range(args.repeats):
+        for key, _, run in sides:
+            # Let the previous side go quiet first: a vLLM engine's processes keep spinning for ~1 s
+            # after their last message (shm reader busy loop; OpenMP threads spin-wait too), which
+            # would steal cores from the next side on a 2-core machine.
+            time.sleep(args.settle_s)
+            r = run(prompts, lengths)
+            walls[key].append(r[0])
+            if key not in best or r[0] < best[key][0]:
+                best[key] = r
+    for vb in backends:
+        vb.close()
+
+    rows = [dict(key=key, engine=label, useful=best[key][1], wall_s=best[key][0], all_wall_s=walls[key])
+            for key, label, _ in sides]
+    base = rows[-1]["useful"] / rows[-1]["wall_s"]  # HF generate when it ran (the last side)
     print()
-    print(f"{'engine':<36} {'useful tokens':>13} {'wall s':>8} {'useful tok/s':>12} {'speedup':>8}")
+    print(f"{'engine':<44} {'useful tokens':>13} {'wall s':>8} {'useful tok/s':>12} {'speedup':>8}")
     for r in rows:
         r["tok_s"] = r["useful"] / r["wall_s"]
         r["speedup"] = r["tok_s"] / base
-        print(f"{r['engine']:<36} {r['useful']:>13d} {r['wall_s']:>8.2f} {r['tok_s']:>12.1f} {r['speedup']:>7.2f}x")
+        print(f"{r['engine']:<44} {r['useful']:>13d} {r['wall_s']:>8.2f} {r['tok_s']:>12.1f} {r['speedup']:>7.2f}x")
     if args.repeats > 1:
         for r in rows:
             print(f"  {r['engine']}: wall s of the {args.repeats} runs: " + ", ".join(f"{w:.2f}" for w in r["all_wall_s"]))
+        if hf is not None:
+            # The machine's speed drifts between runs (a shared host): the ratio of two sides' walls
+            # within one round, timed back to back, is steadier than the ratio of their bests.
+            print("paired speedup over HF generate, round by round (min / median / max):")
+            for r in rows[:-1]:
+                r["paired_speedups"] = [h / w for w, h in zip(r["all_wall_s"], rows[-1]["all_wall_s"])]
+                q = sorted(r["paired_speedups"])
+                print(f"  {r['engine']}: " + ", ".join(f"{x:.2f}x" for x in r["paired_speedups"])
+                      + f"  ->  {q[0]:.2f}x / {statistics.median(q):.2f}x / {q[-1]:.2f}x")
+    labels = {"builtin": "megatron_kimi engine", "vllm": "vLLM", "vllm-compiled": "vLLM compiled", "hf": "HF generate"}
     for k, why in skipped.items():
-        label = {"vllm": "vLLM", "hf": "HF generate", "builtin": "megatron_kimi engine"}[k]
-        print(f"{label} row skipped: {why}")
+        print(f"{labels[k]} row skipped: {why}")
     st = engine.stats if engine is not None else None
     if st is not None:
         print(f"\nengine (last run): {st.steps} decode steps, {st.prefill_calls} prefill calls, "
               f"prefill {st.prefill_s:.2f} s, decode {st.decode_s:.2f} s")
-    if vinfo:
-        print(f"vLLM: engine start {vinfo['start_s']:.1f} s, weight sync {vinfo['sync_s']:.2f} s "
-              f"({vinfo['sync_bytes'] / 1e6:.1f} MB, {vinfo['sync_gbps']:.3f} GB/s)")
+    for key, v in vinfo.items():
+        print(f"{labels[key]} ({v['mode']}): engine start {v['start_s']:.1f} s, weight sync {v['sync_s']:.2f} s "
+              f"({v['sync_bytes'] / 1e6:.1f} MB, {v['sync_gbps']:.3f} GB/s)")
     extra = {}
-    if hf_outs is not None and not args.sample:
-        outs["hf"] = hf_outs
-    names = {"builtin": "engine", "vllm": "vLLM", "hf": "HF"}
-    keys = list(outs)
+    outs = {key: best[key][2] for key, _, _ in sides}
     if not args.sample:
+        keys = list(outs)
         for i, a_key in enumerate(keys):
             for b_key in keys[i + 1:]:
                 a_outs, b_outs = outs[a_key], outs[b_key]
@@ -365,9 +391,9 @@ def main(argv=None) -> int:
                 tag = "" if (a_key, b_key) == ("builtin", "hf") else f"_{a_key}_{b_key}"
                 extra[f"identical_outputs{tag}"] = same
                 extra[f"tokens_before_first_divergence{tag}"] = agree
-                print(f"greedy agreement {names[a_key]} vs {names[b_key]}: {same}/{len(a_outs)} responses identical, "
-                      f"{100 * agree:.1f}% of the tokens before the first divergence (random weights: near-tied "
-                      "logits may diverge on fp noise)")
+                print(f"greedy agreement {labels[a_key]} vs {labels[b_key]}: {same}/{len(a_outs)} responses "
+                      f"identical, {100 * agree:.1f}% of the tokens before the first divergence (random weights: "
+                      "near-tied logits may diverge on fp noise)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(params=n_params, args=vars(args), rows=rows, engine_stats=vars(st) if st else None,

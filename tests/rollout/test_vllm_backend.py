@@ -123,3 +123,19 @@ def test_trainer_at_tp2(name):
     assert a["before_sync_diff"] > 1e-2
     assert a["after_greedy"] == a["after_ref_greedy"] and a["after_lp_diff"] <= TOL
     assert a["version"] == 1
+
+
+@vllm
+def test_compiled_engine_follows_weight_syncs():
+    # rollout.enforce_eager=false (vLLM's inductor path on CPU, ~30 s more start-up): the compiled graph
+    # reads the reloaded weights -- a mismatch before the sync, the trainer's tokens and log-probs after.
+    from tests.rollout import vllm_bodies
+
+    res = run_distributed(vllm_bodies.vllm_compiled_job, 1, "llama", timeout=600, env=ENV)[0]
+    print(f"\n[compiled] engine start {res['start_s']:.1f}s")
+    assert res["eager"] is False
+    for tag in ("before", "after"):
+        assert res[f"{tag}_greedy"] == res[f"{tag}_ref_greedy"]
+        assert res[f"{tag}_lp_diff"] <= TOL
+    assert res["stale_diff"] > 1e-2
+    assert res["after_greedy"] != res["before_greedy"]

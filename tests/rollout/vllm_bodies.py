@@ -223,3 +223,40 @@ def vllm_tp_job(rank, world_size, name):
     finally:
         backend.close()
     return out
+
+
+def vllm_compiled_job(rank, world_size, name):
+    """``rollout.enforce_eager=false`` on CPU: vLLM compiles the model (inductor). A sync reloads the
+    weights in place; the compiled graph must read the new values (weights are its inputs, not constants
+    folded in), so greedy outputs and log-probs follow the trainer before and after a perturbed sync."""
+    from megatron_kimi.platform import cpu_emulation
+
+    cpu_emulation.activate()
+    from megatron_kimi.config import load_config
+    from megatron_kimi.rollout import GenerationRequest, SamplingParams
+    from megatron_kimi.rollout.vllm_backend import VllmBackend
+    from megatron_kimi.training.runtime import initialize
+    from tests.parallel.harness import BASE
+
+    overrides = MODELS[name]
+    initialize(load_config(None, BASE + bodies.MODEL + overrides))
+    cfg, chunks = bodies.build_model(overrides, bias_noise=name == "qwen2")
+    P = bodies.prompts()
+    greedy = [GenerationRequest(i, p, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW)) for i, p in enumerate(P)]
+    backend = VllmBackend(chunks, cfg.model, max_seq_len=MAX_SEQ, max_batch_size=4, seed=0, enforce_eager=False)
+    out = {"eager": backend.enforce_eager, "start_s": backend.start_s}
+    try:
+        for tag in ("before", "after"):
+            if tag == "after":
+                _perturb(chunks, seed=1)
+                out["stale_diff"] = _max_diff(backend.score(P, out["before_greedy"]),
+                                              bodies.reference_logprobs(chunks, P, out["before_greedy"]))
+                backend.update_weights(chunks)
+            res = backend.generate(greedy)
+            out[f"{tag}_greedy"] = [r.output_ids for r in res]
+            out[f"{tag}_ref_greedy"] = bodies.reference_greedy(chunks, P, [MAX_NEW] * len(P))
+            out[f"{tag}_lp_diff"] = _max_diff([r.logprobs for r in res],
+                                              bodies.reference_logprobs(chunks, P, out[f"{tag}_greedy"]))
+    finally:
+        backend.close()
+    return out
