@@ -41,6 +41,7 @@ On CPU (vLLM has no sleep mode there) release/resume only track the state and sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -66,6 +67,21 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+@contextlib.contextmanager
+def _environ(values: Dict[str, str]):
+    """``os.environ`` with ``values`` set, restored afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _chunks(model) -> list:
@@ -96,6 +112,47 @@ def broadcast_from_tp_leader(obj):
     box = [obj if torch.distributed.get_rank() == src else None]
     torch.distributed.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def split_cores(cores: Sequence[int], n: int, index: int) -> List[int]:
+    """Engine ``index`` of ``n``'s share of ``cores``: contiguous, sizes differing by at most one (more
+    engines than cores: they share, one core each)."""
+    assert 0 <= index < n, (index, n)
+    cores = sorted(cores)
+    if len(cores) < n:
+        return [cores[index % len(cores)]]
+    base, extra = divmod(len(cores), n)
+    start = index * base + min(index, extra)
+    return cores[start:start + base + (index < extra)]
+
+
+def cpu_engine_cores() -> Optional[List[int]]:
+    """The cores this rank's engine binds its OpenMP threads to on CPU (None on ranks without an engine).
+
+    vLLM's CPU default (``VLLM_CPU_OMP_THREADS_BIND=auto``) keeps one core of the host for its scheduler
+    process and binds every engine on a host to the same cores: on 2 cores its worker gets one
+    (tools/BENCHMARKS.md: 695 vs 1049 useful tok/s), and the engines of data-parallel replicas on one
+    host would share cores. Here the engines (TP leaders) of a host whose ranks may run on the same
+    cores split those cores evenly, in rank order. The trainer waits while its engine generates, so
+    the engine may take all of them. Only cores this process may run on are chosen (a launcher that
+    pins each rank, or a cgroup, keeps its say). Collective over the world: every rank calls it."""
+    import socket
+
+    import torch.distributed as dist
+
+    mine = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else tuple(
+        range(os.cpu_count() or 1))
+    me = ((socket.gethostname(), mine), is_tp_leader())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, me)
+        rank = dist.get_rank()
+    else:
+        everyone, rank = [me], 0
+    if not me[1]:
+        return None
+    peers = [r for r, (key, leader) in enumerate(everyone) if leader and key == me[0]]
+    return split_cores(mine, len(peers), peers.index(rank))
 
 
 def megatron_to_hf_tensors(model, arch: hf.Arch, dtype: torch.dtype, untie: bool = False):
@@ -281,6 +338,11 @@ class VllmBackend:
 
         self.hf_config, self.arch = hf_export_config(model, model_cfg, self.dtype, "rollout.engine=vllm")
 
+        # On CPU, unless the user binds vLLM's threads (VLLM_CPU_OMP_THREADS_BIND), each engine gets its
+        # share of the host's cores (collective: every rank takes part, the same on all of them).
+        self.cpu_cores: Optional[List[int]] = None
+        if not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            self.cpu_cores = cpu_engine_cores()
         self.leader = is_tp_leader()
         self.llm = None
         self.start_s = 0.0
@@ -326,8 +388,12 @@ class VllmBackend:
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         kwargs.update(engine_kwargs or {})
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        bind = {} if self.cpu_cores is None else {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, self.cpu_cores))}
+        with _environ(bind):  # read when the engine's processes start
+            self.llm = LLM(**kwargs)
         self.start_s = time.perf_counter() - t0
+        if bind:
+            log.info("vLLM worker bound to cores %s (VLLM_CPU_OMP_THREADS_BIND)", bind["VLLM_CPU_OMP_THREADS_BIND"])
         log.info("vLLM engine up in %.1fs (weights in %s)", self.start_s, self.dir)
 
     @staticmethod

@@ -10,6 +10,8 @@ test_server_backend.py, and in `make demo-vllm`.)
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -139,3 +141,28 @@ def test_compiled_engine_follows_weight_syncs():
         assert res[f"{tag}_lp_diff"] <= TOL
     assert res["stale_diff"] > 1e-2
     assert res["after_greedy"] != res["before_greedy"]
+
+
+def test_split_cores():
+    from megatron_kimi.rollout.vllm_backend import split_cores
+
+    assert split_cores([3, 1, 2, 0], 1, 0) == [0, 1, 2, 3]
+    assert [split_cores(range(5), 2, i) for i in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [split_cores(range(7), 3, i) for i in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [split_cores([4, 5], 3, i) for i in range(3)] == [[4], [5], [4]]  # more engines than cores: shared
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to pin ranks to")
+@pytest.mark.parametrize("tp, affinity, expected", [
+    (1, [{0, 1}, {0, 1}], [[0], [1]]),  # two engines on the same cores: half each
+    (2, [{0, 1}, {0, 1}], [[0, 1], None]),  # one engine (TP leader): all of them; rank 1 has none
+    (1, [{0}, {1}], [[0], [1]]),  # ranks pinned by the launcher: each engine keeps its rank's cores
+])
+def test_engines_split_the_hosts_cores(tp, affinity, expected):
+    # vLLM's own CPU default binds every engine on a host to the same cores, minus one for its scheduler.
+    from tests.rollout import vllm_bodies
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    pin = [{cores[c] for c in a} for a in affinity]
+    got = run_distributed(vllm_bodies.engine_cores_job, 2, tp, pin, timeout=120)
+    assert got == [None if e is None else [cores[c] for c in e] for e in expected]

@@ -260,3 +260,21 @@ def vllm_compiled_job(rank, world_size, name):
     finally:
         backend.close()
     return out
+
+
+def engine_cores_job(rank, world_size, tp, affinity):
+    """:func:`cpu_engine_cores` on ``world_size`` ranks of one host at TP ``tp``, each rank pinned to
+    ``affinity[rank]`` first (no vllm needed)."""
+    import os
+
+    from megatron_kimi.platform import cpu_emulation
+
+    cpu_emulation.activate()
+    from megatron_kimi.config import load_config
+    from megatron_kimi.rollout.vllm_backend import cpu_engine_cores
+    from megatron_kimi.training.runtime import initialize
+    from tests.parallel.harness import BASE
+
+    os.sched_setaffinity(0, affinity[rank])
+    initialize(load_config(None, BASE + bodies.MODEL + [f"parallel.tensor={tp}"]))
+    return cpu_engine_cores()
