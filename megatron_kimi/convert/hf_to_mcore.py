@@ -35,7 +35,7 @@ from typing import Dict, Optional, Tuple
 
 from megatron_kimi.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
 from megatron_kimi.convert import hf, kimi_k25
-from megatron_kimi.platform.launch import free_port
+from megatron_kimi.platform.launch import environ, free_port
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -269,23 +269,13 @@ def launch_local(fn, world_size: int, *args, timeout: Optional[float] = None) ->
     results = ctx.Queue()
     port = free_port()
     procs = []
-    env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "CUDA_VISIBLE_DEVICES")
-    saved = {k: os.environ.get(k) for k in env_keys}
-    try:
-        for rank in range(world_size):
-            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                              LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                              CUDA_VISIBLE_DEVICES="")
+    shared = dict(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+    for rank in range(world_size):
+        with environ(dict(shared, RANK=str(rank), LOCAL_RANK=str(rank))):
             p = ctx.Process(target=_child, args=(rank, fn, args, results), name=f"convert-rank{rank}")
-            p.start()  # the child inherits the environment set above
-            procs.append(p)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            p.start()  # the child inherits the environment set here
+        procs.append(p)
     done, failure = set(), None
     deadline = None if timeout is None else time.monotonic() + timeout
     try:

@@ -23,12 +23,13 @@ naming the variable and its value. :func:`init_process_group` then creates the d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
+from typing import Dict, Mapping
 
 __all__ = ["DistEnv", "detect_env", "expand_hostlist", "first_host", "init_process_group"]
 
@@ -197,3 +198,19 @@ def init_process_group(env: DistEnv, timeout_s: float = 600.0) -> str:
     dist.init_process_group(backend, init_method=f"tcp://{host}:{env.master_port}", rank=env.rank,
                             world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
     return backend
+
+
+@contextlib.contextmanager
+def environ(values: Dict[str, str]):
+    """``os.environ`` with ``values`` set (a child process started inside inherits them), restored on
+    exit: every key back to its value before, or removed when it had none."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

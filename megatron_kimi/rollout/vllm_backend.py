@@ -41,7 +41,6 @@ On CPU (vLLM has no sleep mode there) release/resume only track the state and sa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -55,6 +54,7 @@ import torch
 
 from megatron_kimi.config import ModelConfig
 from megatron_kimi.convert import hf
+from megatron_kimi.platform.launch import environ
 from megatron_kimi.rollout.backend import TAGS, WEIGHTS, check_tags
 from megatron_kimi.rollout.engine import GenerationRequest, GenerationResult, check_requests, draw_seeds
 
@@ -67,21 +67,6 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
-
-
-@contextlib.contextmanager
-def _environ(values: Dict[str, str]):
-    """``os.environ`` with ``values`` set, restored afterwards."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _chunks(model) -> list:
@@ -389,7 +374,7 @@ class VllmBackend:
         kwargs.update(engine_kwargs or {})
         t0 = time.perf_counter()
         bind = {} if self.cpu_cores is None else {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, self.cpu_cores))}
-        with _environ(bind):  # read when the engine's processes start
+        with environ(bind):  # read when the engine's processes start
             self.llm = LLM(**kwargs)
         self.start_s = time.perf_counter() - t0
         if bind:
