@@ -278,7 +278,7 @@ class RolloutConfig:
     sleep_level: int = 1
     gpu_memory_utilization: float = 0.5
     offload_optimizer: bool = True
-    # vllm, vllm_server: vLLM's enforce_eager; null: eager on CPU (compiling is ~15 % faster at 25M
+    # vllm, vllm_server: vLLM's enforce_eager; null: eager on CPU (compiling is ~14 % faster at 25M
     # params but starts ~27 s later, tools/BENCHMARKS.md), CUDA graphs on GPU (syncs reload in place).
     enforce_eager: Optional[bool] = None
     temperature: float = 1.0

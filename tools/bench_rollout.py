@@ -13,8 +13,9 @@ enforced with ``max_new_tokens`` (no EOS), so both sides produce exactly the sam
   backend always sets ``ignore_eos``; no stop ids here), so it produces exactly the same useful tokens.
   Also reported: the engine start seconds and one ``update_weights`` (weight sync) in seconds and GB/s.
   Only where ``vllm`` imports (``.venv-vllm``); elsewhere the row is skipped with the reason.
-  ``vllm`` runs as ``rollout.enforce_eager: null`` does (eager on CPU, CUDA graphs on CUDA);
-  ``vllm-compiled`` with ``enforce_eager=False`` (on CPU: vLLM's torch.compile/inductor path).
+  ``vllm`` runs eager (``enforce_eager=True``: ``rollout.enforce_eager: null`` on CPU), ``vllm-compiled``
+  with ``enforce_eager=False`` (on CPU vLLM's torch.compile/inductor path, on CUDA its CUDA graphs: the
+  default there).
 * hf: the same weights converted to ``LlamaForCausalLM`` (checked: logits compared first), ``generate``
   in static batches of ``--hf-batch-size``; each batch runs to its longest response
   (``max_new_tokens = max(lengths)``) and only the useful tokens (each request's own length) count.
@@ -69,7 +70,7 @@ def _parse_args(argv):
                         "only where vllm imports)")
     p.add_argument("--skip-hf", action="store_true", help="same as leaving hf out of --engines")
     p.add_argument("--vllm-kwargs", default=None, type=json.loads,
-                   help='more vllm.LLM arguments as JSON, e.g. \'{"distributed_executor_backend": "mp"}\'')
+                   help='more vllm.LLM arguments as JSON, e.g. \'{"enable_prefix_caching": false}\'')
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
 
@@ -295,9 +296,7 @@ def main(argv=None) -> int:
             continue
         from megatron_kimi.rollout.vllm_backend import VllmBackend
 
-        # "vllm": the backend's default (rollout.enforce_eager null: eager on CPU, CUDA graphs on CUDA);
-        # "vllm-compiled": enforce_eager=False (on CPU vLLM's torch.compile/inductor path).
-        eager = None if key == "vllm" else False
+        eager = key == "vllm"  # "vllm-compiled": enforce_eager=False (inductor on CPU, CUDA graphs on CUDA)
         try:
             vb = VllmBackend(model, m, max_seq_len=args.prompt_len + args.max_new, max_batch_size=args.max_batch_size,
                              eos_token_id=None, seed=args.seed, dtype="float32", enforce_eager=eager,
